@@ -1,0 +1,113 @@
+"""Soft class/feature-to-group assignments and the three SplitNet regularisers (method.md, "Regularisers")."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from splitnet.plan import SplitPlan
+
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def _sqrt(x: Tensor) -> Tensor:
+    """Square root with a finite gradient at zero (the group lasso of an exactly zero block)."""
+    return x.clamp_min(_TINY).sqrt()
+
+
+def disjoint_cost(q: Tensor) -> Tensor:
+    """T(q) = sum_{g>h} <q_g, q_h> / (D (G-1) / (2G)): 1 for uniform columns, 0 for one-hot ones."""
+    groups, dim = q.shape
+    gram = q @ q.T
+    pairs = (gram.sum() - gram.diagonal().sum()) / 2
+    return pairs / (dim * (groups - 1) / (2 * groups))
+
+
+def balance_cost(q: Tensor) -> Tensor:
+    """U(q) = sum_g (sum_d q_g[d])^2 / (D^2 / G): 1 for equal group sizes, G when all columns are in one group."""
+    groups, dim = q.shape
+    return q.sum(1).square().sum() / (dim**2 / groups)
+
+
+def weight_energy(weight: Tensor) -> Tensor:
+    """M[i, j]: the squared weight from input i to output j, averaged over kernel taps (shape I x O)."""
+    squared = weight.square()
+    if squared.dim() > 2:
+        squared = squared.flatten(2).mean(2)
+    return squared.T
+
+
+def group_weight_cost(weight: Tensor, p: Tensor, q: Tensor) -> Tensor:
+    """S: the normalised group lasso on the off-block-diagonal weights of one layer.
+
+    ``weight`` is a conv (O x I x k x k) or linear (O x I) weight, ``p`` (G x I) the soft grouping of its
+    inputs and ``q`` (G x O) of its outputs.
+    """
+    groups = p.shape[0]
+    energy = weight_energy(weight)
+    inputs, outputs = energy.shape
+    taps = weight[0, 0].numel()
+    init_std = math.sqrt(1.0 / (taps * inputs))
+    rows = _sqrt((q.square() @ energy.T) * (1 - p).square()).sum(1) / (inputs * math.sqrt(outputs))
+    cols = _sqrt((p.square() @ energy) * (1 - q).square()).sum(1) / (math.sqrt(inputs) * outputs)
+    return (rows + cols).sum() / (2 * (groups - 1) * init_std / groups)
+
+
+@dataclass(frozen=True)
+class RegulariserTerms:
+    """The three regularisers, each averaged over its terms."""
+
+    disjoint: Tensor
+    group_weight: Tensor
+    balance: Tensor
+
+
+class GroupAssignments(nn.Module):
+    """Learned soft groupings of every split level: ``softmax(alpha, dim=0)`` over G x D logits, alpha ~ N(0, 0.01^2).
+
+    They never enter the forward pass; the regularisers couple them to the network's weights.
+    """
+
+    def __init__(self, plan: SplitPlan, groups: tuple[int, ...], free: dict[str, tuple[int, int]]) -> None:
+        super().__init__()
+        self.plan = plan
+        self.groups = groups
+        self.logits = nn.ParameterDict(
+            {key: nn.Parameter(torch.randn(count, size) * 0.01) for key, (count, size) in free.items()}
+        )
+
+    def probabilities(self) -> dict[str, Tensor]:
+        """Each free grouping's G x D soft assignment."""
+        return {key: torch.softmax(alpha, 0) for key, alpha in self.logits.items()}
+
+    def level_probabilities(self, probs: dict[str, Tensor], level: int, name: str) -> Tensor:
+        """Soft assignment of grouping ``name`` at ``level``, merging an upper level's groups where needed."""
+        src_level, key = self.plan.source(level, name)
+        q = probs[key]
+        ratio = self.groups[src_level] // self.groups[level]
+        if ratio > 1:
+            q = q.view(self.groups[level], ratio, -1).sum(1)
+        return q
+
+    def regularisers(self, model: nn.Module) -> RegulariserTerms:
+        """The disjoint, group-weight and balance costs for ``model``'s current weights."""
+        probs = self.probabilities()
+        layer_costs = []
+        for index, level in enumerate(self.plan.levels):
+            if self.groups[index] == 1:
+                continue
+            body = model.get_submodule(level.module)
+            for layer_name, (in_name, out_name) in level.layers.items():
+                p = self.level_probabilities(probs, index, in_name)
+                q = self.level_probabilities(probs, index, out_name)
+                layer_costs.append(group_weight_cost(body.get_submodule(layer_name).weight, p, q))
+        costs = torch.stack(layer_costs)
+        weights = costs.detach()
+        return RegulariserTerms(
+            disjoint=torch.stack([disjoint_cost(q) for q in probs.values()]).mean(),
+            group_weight=(weights * costs).sum() / weights.sum().clamp_min(_TINY),
+            balance=torch.stack([balance_cost(q) for q in probs.values()]).mean(),
+        )

@@ -1,0 +1,151 @@
+"""The LightningModule: one network (dense, then the split tree), its soft assignments, loss, metrics and optimiser."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from splitnet.grouping import GroupAssignments
+from splitnet.plan import SplitConfigError, parse_groups
+from splitnet.schedule import build_optimizer
+from splitnet.surgery import TreeSpec, build_tree, hard_assign
+
+GROUP, FINETUNE = "group", "finetune"
+
+
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Set the probability of every dropout layer in ``model``."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+
+
+class SplitNetModule(pl.LightningModule):
+    """Trains a backbone through SplitNet's phases; which phase it is in follows from its own state.
+
+    Before the split (``tree_spec is None``) it is in group learning: cross-entropy plus the three
+    regularisers on the soft assignments. ``split()`` cuts the network into the tree and the module
+    is then in finetuning: cross-entropy only. The phase callbacks in ``splitnet.phases`` decide when.
+
+    Args:
+        backbone: Hydra config of the dense backbone (``_target_`` and arguments); ``num_classes`` is added.
+        num_classes: number of classes of the data.
+        split: ``groups`` (e.g. ``"2-2-2"``), ``assign`` (argmax / balanced / random), ``gamma1..3``, ``seed``.
+        schedule: per-phase optimiser settings, ``group`` and ``finetune`` (see ``conf/schedule``).
+    """
+
+    def __init__(self, backbone: dict, num_classes: int, split: dict, schedule: dict) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net: nn.Module = instantiate(backbone, num_classes=num_classes)
+        self.plan = self.net.split_plan
+        self.groups = parse_groups(split["groups"], self.plan)
+        self.split_config = split
+        free = self.plan.free_groupings(self.net, self.groups)
+        if len(free) and free[self.plan.levels[-1].grouping_key("out")][0] > num_classes:
+            raise SplitConfigError(f"split.groups='{split['groups']}' asks for more groups than the {num_classes} classes")
+        self.grouping: GroupAssignments | None = GroupAssignments(self.plan, self.groups, free) if free else None
+        self.tree_spec: TreeSpec | None = None
+        self.phase_results: dict[str, dict[str, float]] = {}
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        set_dropout(self.net, schedule[GROUP].get("dropout", 0.0))
+
+    @property
+    def phase(self) -> str:
+        return GROUP if self.tree_spec is None else FINETUNE
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    # --- the split ---------------------------------------------------------------------------------------
+    def split(self) -> TreeSpec:
+        """Harden the assignments into a tree spec and replace the dense network by the tree."""
+        probs = self.grouping.probabilities() if self.grouping is not None else {}
+        spec = hard_assign(self.groups, probs, self.split_config.get("assign", "argmax"), self.split_config.get("seed", 0))
+        self.apply_split(spec)
+        return spec
+
+    def apply_split(self, spec: TreeSpec) -> None:
+        """Rebuild the network as the tree of ``spec`` (weights from the current network's diagonal blocks)."""
+        if tuple(spec.groups) != self.groups:
+            raise SplitConfigError(
+                f"the tree in the checkpoint has groups {'-'.join(map(str, spec.groups))}, "
+                f"but this run's split.groups is '{self.split_config['groups']}'"
+            )
+        with torch.no_grad():
+            tree = build_tree(self.net, self.plan, spec)
+        tree.train(self.net.training)
+        self.net = tree
+        self.grouping = None
+        self.tree_spec = spec
+        set_dropout(self.net, self.hparams.schedule[FINETUNE].get("dropout", 0.0))
+
+    # --- steps -------------------------------------------------------------------------------------------
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, labels = batch
+        logits = self.net(images)
+        loss = F.cross_entropy(logits, labels)
+        phase = self.phase
+        self.log(f"{phase}/train_ce", loss)
+        if phase == GROUP and self.grouping is not None:
+            terms = self.grouping.regularisers(self.net)
+            split = self.split_config
+            loss = loss + split["gamma1"] * terms.disjoint + split["gamma2"] * terms.group_weight
+            loss = loss + split["gamma3"] * terms.balance
+            self.log_dict(
+                {f"{phase}/disjoint": terms.disjoint, f"{phase}/group_weight": terms.group_weight,
+                 f"{phase}/balance": terms.balance},
+                prog_bar=True,
+            )
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"the {phase} loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step}: "
+                "lower the learning rate or the gammas and resume from the last checkpoint"
+            )
+        self.train_acc(logits, labels)
+        self.log(f"{phase}/train_loss", loss, prog_bar=True)
+        self.log(f"{phase}/train_acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        images, labels = batch
+        self.val_acc(self.net(images), labels)
+        self.log(f"{self.phase}/val_acc", self.val_acc, prog_bar=True)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        images, labels = batch
+        self.test_acc(self.net(images), labels)
+        self.log(f"{self.phase}/test_acc", self.test_acc)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        settings = self.hparams.schedule[self.phase]
+        steps_per_epoch = max(1, self.trainer.estimated_stepping_batches // max(1, self.trainer.max_epochs))
+        extra = list(self.grouping.parameters()) if self.grouping is not None else []
+        optimizer, scheduler = build_optimizer(self.net.parameters(), extra, settings, steps_per_epoch)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- checkpoints -------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["splitnet"] = {
+            "tree_spec": None if self.tree_spec is None else self.tree_spec.to_dict(),
+            "phase_results": self.phase_results,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "splitnet" not in checkpoint:
+            raise SplitConfigError("this checkpoint was not written by splitnet (it has no 'splitnet' entry)")
+        saved = checkpoint["hyper_parameters"]["backbone"]
+        if saved != self.hparams.backbone:
+            raise SplitConfigError(f"the checkpoint's backbone {dict(saved)} differs from this run's {dict(self.hparams.backbone)}")
+        state = checkpoint["splitnet"]
+        self.phase_results = state["phase_results"]
+        if state["tree_spec"] is not None and self.tree_spec is None:
+            self.apply_split(TreeSpec.from_dict(state["tree_spec"]))

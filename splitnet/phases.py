@@ -1,0 +1,79 @@
+"""The phase callback: moves the module from group learning to the split tree and finetuning, inside one fit."""
+
+from __future__ import annotations
+
+import logging
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.strategies import DDPStrategy
+from torch.utils.data import DataLoader
+from torchmetrics.classification import MulticlassAccuracy
+
+from splitnet.module import GROUP, SplitNetModule
+from splitnet.report import count_params
+
+log = logging.getLogger(__name__)
+
+
+def _limit(loader: DataLoader, limit: int | float) -> int:
+    return int(limit) if isinstance(limit, int) else int(len(loader) * limit)
+
+
+@torch.no_grad()
+def evaluate(module: SplitNetModule, loader: DataLoader, datamodule, max_batches: int) -> float:
+    """Top-1 accuracy of the module's network on ``loader`` (at most ``max_batches`` batches), in eval mode."""
+    was_training = module.net.training
+    module.net.eval()
+    accuracy = MulticlassAccuracy(module.hparams.num_classes, average="micro").to(module.device)
+    for index, (images, labels) in enumerate(loader):
+        if index >= max_batches:
+            break
+        images = datamodule.prepare_batch(images.to(module.device), train=False)
+        accuracy.update(module.net(images), labels.to(module.device))
+    module.net.train(was_training)
+    return accuracy.compute().item()
+
+
+class SplitPhase(pl.Callback):
+    """At the start of epoch ``at_epoch``: evaluate the dense network, split it, evaluate the tree, rebuild the optimiser.
+
+    Whether to split is read from the module's own state (still dense and the epoch reached), so a run
+    resumed from any checkpoint neither skips nor repeats the split. Under DDP the new parameters are
+    re-wrapped; the optimiser and LR schedule are rebuilt for the tree with the finetune settings.
+    """
+
+    def __init__(self, at_epoch: int, evaluate_phases: bool = True) -> None:
+        self.at_epoch = at_epoch
+        self.evaluate_phases = evaluate_phases
+
+    def _record(self, trainer: pl.Trainer, module: SplitNetModule, phase: str) -> None:
+        if not self.evaluate_phases:
+            return
+        datamodule = trainer.datamodule
+        results = {}
+        for split, limit in (("val", trainer.limit_val_batches), ("test", trainer.limit_test_batches)):
+            loader = getattr(datamodule, f"{split}_dataloader")()
+            results[f"{split}_acc"] = evaluate(module, loader, datamodule, _limit(loader, limit))
+        module.phase_results[phase] = results
+        for logger in trainer.loggers:
+            logger.log_metrics({f"{phase}/{k}": v for k, v in results.items()}, step=trainer.global_step)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: SplitNetModule) -> None:
+        if pl_module.phase != GROUP or trainer.current_epoch < self.at_epoch:
+            return
+        self._record(trainer, pl_module, "group")
+        dense_params = count_params(pl_module.net)
+        spec = pl_module.split()
+        if isinstance(trainer.strategy, DDPStrategy):
+            if trainer.strategy._layer_sync is not None:
+                pl_module.net = trainer.strategy._layer_sync.apply(pl_module.net)
+            trainer.strategy.model = pl_module
+            trainer.strategy.configure_ddp()
+        trainer.strategy.setup_optimizers(trainer)
+        log.info(
+            "split %s at epoch %d: params %.3fM -> %.3fM; class groups %s; channel groups %s",
+            "-".join(map(str, spec.groups)), trainer.current_epoch, dense_params / 1e6,
+            count_params(pl_module.net) / 1e6, [len(g) for g in pl_module.net.class_groups()], spec.group_sizes(),
+        )
+        self._record(trainer, pl_module, "split")

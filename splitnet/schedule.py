@@ -1,0 +1,38 @@
+"""Per-phase optimiser and learning-rate schedule: SGD with step, one-cycle or cosine decay, stepped per batch."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler, MultiStepLR, OneCycleLR
+
+LR_SCHEDULES = ("step", "onecycle", "cosine")
+
+
+def build_optimizer(
+    weights: Iterable[nn.Parameter], assignments: list[nn.Parameter], settings: Mapping[str, Any], steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, LRScheduler]:
+    """SGD over the network's weights (with weight decay) and the assignments (without), and its LR schedule.
+
+    ``settings``: epochs, lr, momentum, nesterov, weight_decay, lr_schedule (step | onecycle | cosine),
+    and for ``step`` the epochs in ``milestones`` where the rate is multiplied by ``lr_decay``.
+    """
+    groups = [{"params": list(weights), "weight_decay": settings["weight_decay"]}]
+    if assignments:
+        groups.append({"params": assignments, "weight_decay": 0.0})
+    optimizer = torch.optim.SGD(
+        groups, lr=settings["lr"], momentum=settings["momentum"], nesterov=settings.get("nesterov", False)
+    )
+    total = max(1, settings["epochs"] * steps_per_epoch)
+    kind = settings.get("lr_schedule", "step")
+    if kind == "step":
+        milestones = [epoch * steps_per_epoch for epoch in settings.get("milestones", [])]
+        return optimizer, MultiStepLR(optimizer, milestones, gamma=settings.get("lr_decay", 0.1))
+    if kind == "onecycle":
+        return optimizer, OneCycleLR(optimizer, max_lr=settings["lr"], total_steps=total + 1, pct_start=0.25)
+    if kind == "cosine":
+        return optimizer, CosineAnnealingLR(optimizer, T_max=total)
+    raise ValueError(f"schedule lr_schedule='{kind}' is not one of {', '.join(LR_SCHEDULES)}")

@@ -1,0 +1,96 @@
+"""Train SplitNet: group learning on the dense network, the split, finetuning of the tree, then the test set.
+
+    python train.py                                  # WRN-16-8, CIFAR-100, split 2-2-2, the paper's schedule
+    python train.py split=4-4-4 schedule=fast        # any config group / value can be overridden
+    python train.py -m split=2-2-2,4-4-4 seed=0,1    # a Hydra sweep
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from splitnet.data import DataError
+from splitnet.module import SplitNetModule
+from splitnet.plan import SplitConfigError
+from splitnet.report import count_flops, count_params, format_table, write_summary
+
+log = logging.getLogger("splitnet")
+
+
+def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: str) -> str | None:
+    """``last`` means this run directory's last checkpoint; anything else must be an existing file."""
+    if ckpt_path is None:
+        return None
+    path = Path(checkpoint_dir) / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no checkpoint at {path}")
+    return str(path)
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run all phases as configured; returns the summary (also written to <output_dir>/summary.json)."""
+    pl.seed_everything(cfg.seed, workers=True)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.checkpoint_dir)
+    datamodule: pl.LightningDataModule = instantiate(cfg.data)
+    model = SplitNetModule(
+        backbone=OmegaConf.to_container(cfg.backbone, resolve=True),
+        num_classes=datamodule.num_classes,
+        split=OmegaConf.to_container(cfg.split, resolve=True),
+        schedule=OmegaConf.to_container(cfg.schedule, resolve=True),
+    )
+    backbone_name = getattr(model.net, "name", type(model.net).__name__)
+    dense_params, dense_flops = count_params(model.net), count_flops(model.net, datamodule.image_shape)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    loggers = [instantiate(c) for c in cfg.logger.values()] if cfg.get("logger") else False
+    epochs = cfg.schedule.group.epochs + cfg.schedule.finetune.epochs
+    trainer: pl.Trainer = instantiate(cfg.trainer, max_epochs=epochs, callbacks=callbacks, logger=loggers)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    finetune = {
+        "val_acc": trainer.validate(model, datamodule=datamodule, verbose=False)[0][f"{model.phase}/val_acc"],
+        "test_acc": trainer.test(model, datamodule=datamodule, verbose=False)[0][f"{model.phase}/test_acc"],
+    }
+    results = {**model.phase_results, model.phase: finetune}
+    summary = {
+        "backbone": backbone_name,
+        "split": "-".join(map(str, model.groups)),
+        "params": count_params(model.net),
+        "flops": count_flops(model.net, datamodule.image_shape),
+        "dense_params": dense_params,
+        "dense_flops": dense_flops,
+        "class_groups": model.net.class_groups() if model.tree_spec is not None else [list(range(datamodule.num_classes))],
+        "class_names": datamodule.class_names,
+        "group_sizes": model.tree_spec.group_sizes() if model.tree_spec is not None else {},
+        "tree_spec": model.tree_spec.to_dict() if model.tree_spec is not None else None,
+        "val_acc": {phase: r["val_acc"] for phase, r in results.items()},
+        "test_acc": {phase: r["test_acc"] for phase, r in results.items()},
+        "epochs": trainer.current_epoch,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    if trainer.is_global_zero:
+        path = write_summary(summary, cfg.paths.output_dir)
+        log.info("summary written to %s\n%s", path, format_table(summary))
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    try:
+        train(cfg)
+    except (SplitConfigError, DataError, FileNotFoundError, FloatingPointError) as error:
+        log.error("%s", error)
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()
