@@ -14,7 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from splitnet.grouping import GroupAssignments
 from splitnet.plan import SplitConfigError, parse_groups
 from splitnet.schedule import build_optimizer
-from splitnet.surgery import TreeSpec, build_tree, hard_assign
+from splitnet.surgery import ASSIGN_METHODS, TreeSpec, build_tree, hard_assign
 
 GROUP, FINETUNE = "group", "finetune"
 
@@ -48,8 +48,8 @@ class SplitNetModule(pl.LightningModule):
         self.groups = parse_groups(split["groups"], self.plan)
         self.split_config = split
         free = self.plan.free_groupings(self.net, self.groups)
-        if len(free) and free[self.plan.levels[-1].grouping_key("out")][0] > num_classes:
-            raise SplitConfigError(f"split.groups='{split['groups']}' asks for more groups than the {num_classes} classes")
+        if split.get("assign", "argmax") not in ASSIGN_METHODS:
+            raise SplitConfigError(f"split.assign='{split['assign']}' is not one of {', '.join(ASSIGN_METHODS)}")
         self.grouping: GroupAssignments | None = GroupAssignments(self.plan, self.groups, free) if free else None
         self.tree_spec: TreeSpec | None = None
         self.phase_results: dict[str, dict[str, float]] = {}

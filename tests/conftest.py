@@ -1,0 +1,33 @@
+"""Shared fixtures: running train.py in a subprocess, and the real CIFAR-100 when the shared copy is present."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_CIFAR100 = ROOT.parent / "shared" / "data" / "cifar100" / "unpack.sh"
+
+
+def run_train(run_dir: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``python train.py`` with Hydra overrides in ``run_dir``; fails the test on a non-zero exit if ``check``."""
+    command = [sys.executable, "train.py", f"hydra.run.dir={run_dir}", *overrides]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    if check and result.returncode != 0:
+        pytest.fail(f"{' '.join(command)} exited {result.returncode}:\n{result.stderr[-5000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def cifar100_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real CIFAR-100 unpacked from the shared copy beside the checkout; skips where that copy is absent."""
+    if not SHARED_CIFAR100.is_file():
+        pytest.skip("the shared CIFAR-100 copy (../shared/data/cifar100 beside the checkout) is absent on this machine")
+    root = tmp_path_factory.mktemp("cifar100")
+    subprocess.run(["bash", str(SHARED_CIFAR100), str(root)], check=True, capture_output=True)
+    return root

@@ -1,0 +1,95 @@
+"""The soft assignments and the three regularisers against hand-computed values."""
+
+import math
+
+import pytest
+import torch
+
+from splitnet.backbones import wide_resnet
+from splitnet.grouping import GroupAssignments, balance_cost, disjoint_cost, group_weight_cost
+from splitnet.plan import parse_groups
+
+
+def one_hot(labels: list[int], groups: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(torch.tensor(labels), groups).T.double()
+
+
+def test_disjoint_is_one_for_uniform_and_zero_for_one_hot_columns():
+    for groups, dim in ((2, 6), (4, 12), (8, 64)):
+        assert disjoint_cost(torch.full((groups, dim), 1 / groups)).item() == pytest.approx(1.0)
+        assert disjoint_cost(one_hot([d % groups for d in range(dim)], groups)).item() == 0.0
+
+
+def test_disjoint_hand_computed():
+    # <q0, q1> = 0.75*0.25 + 0.5*0.5 = 0.4375; normaliser D (G-1) / (2G) = 2 * 1 / 4 = 0.5
+    q = torch.tensor([[0.75, 0.5], [0.25, 0.5]])
+    assert disjoint_cost(q).item() == pytest.approx(0.875)
+
+
+def test_balance_is_one_for_equal_groups_and_g_when_all_in_one():
+    for groups in (2, 4, 8):
+        dim = 3 * groups
+        assert balance_cost(one_hot([d % groups for d in range(dim)], groups)).item() == pytest.approx(1.0)
+        assert balance_cost(one_hot([0] * dim, groups)).item() == pytest.approx(groups)
+
+
+def test_balance_hand_computed():
+    # group sums 1.25 and 0.75: (1.5625 + 0.5625) / (D^2 / G = 2) = 1.0625
+    q = torch.tensor([[0.75, 0.5], [0.25, 0.5]])
+    assert balance_cost(q).item() == pytest.approx(1.0625)
+
+
+def test_group_weight_hand_computed_linear():
+    # W = [[a, b], [c, d]] (outputs x inputs), input i and output i in group i. The off-block weights are
+    # b (input 1 -> output 0) and c (input 0 -> output 1): rows and cols each give (|b| + |c|) / (2 sqrt 2),
+    # the normaliser 2 (G-1) std / G = sqrt(1/2), so S = |b| + |c|.
+    a, b, c, d = 0.3, -0.7, 0.2, 1.1
+    weight = torch.tensor([[a, b], [c, d]], dtype=torch.float64)
+    eye = one_hot([0, 1], 2)
+    assert group_weight_cost(weight, eye, eye).item() == pytest.approx(abs(b) + abs(c))
+
+
+def test_group_weight_conv_uses_mean_over_taps():
+    # Same as above with 3x3 kernels: M is the mean of the squared taps, std = sqrt(1 / (9 I)).
+    weight = torch.zeros(2, 2, 3, 3, dtype=torch.float64)
+    weight[0, 1] = 0.5  # every tap of the off-block weight input 1 -> output 0
+    eye = one_hot([0, 1], 2)
+    expected = 2 * 0.5 / (2 * math.sqrt(2)) / math.sqrt(1 / 18)
+    assert group_weight_cost(weight, eye, eye).item() == pytest.approx(expected)
+
+
+def test_group_weight_zero_for_block_diagonal_and_grows_off_block():
+    torch.manual_seed(0)
+    groups, inputs, outputs = 4, 16, 8
+    p = one_hot([i % groups for i in range(inputs)], groups)
+    q = one_hot([o % groups for o in range(outputs)], groups)
+    block = (q.T @ p).bool()  # output o and input i share a group
+    weight = torch.randn(outputs, inputs, 3, 3, dtype=torch.float64) * block[:, :, None, None]
+    assert group_weight_cost(weight, p, q).item() < 1e-12
+    previous = 0.0
+    for scale in (0.01, 0.1, 1.0):
+        leaked = weight + scale * torch.randn_like(weight) * (~block)[:, :, None, None]
+        cost = group_weight_cost(leaked, p, q).item()
+        assert cost > previous
+        previous = cost
+
+
+def test_assignments_are_softmax_over_groups_and_learn_from_the_regularisers():
+    torch.manual_seed(0)
+    model = wide_resnet(16, 1, num_classes=10)
+    plan = model.split_plan
+    groups = parse_groups("2-2-2", plan)
+    assignments = GroupAssignments(plan, groups, plan.free_groupings(model, groups))
+    for key, q in assignments.probabilities().items():
+        assert q.shape[0] == 2
+        torch.testing.assert_close(q.sum(0), torch.ones(q.shape[1]))
+        assert assignments.logits[key].std().item() == pytest.approx(0.01, rel=0.3)
+    optimizer = torch.optim.SGD(assignments.parameters(), lr=1.0)
+    start = assignments.regularisers(model)
+    for _ in range(50):
+        terms = assignments.regularisers(model)
+        optimizer.zero_grad()
+        (terms.disjoint + terms.group_weight).backward()
+        optimizer.step()
+    end = assignments.regularisers(model)
+    assert end.disjoint < start.disjoint and end.group_weight < start.group_weight
