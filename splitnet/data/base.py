@@ -1,0 +1,143 @@
+"""The shared data pipeline: uint8 image tensors, a seeded train/val split, batch-wise augmentation on the device."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Sampler, TensorDataset
+
+
+class DataError(RuntimeError):
+    """A data set that is missing, unreadable or malformed; the message says where it was looked for."""
+
+
+class EpochSeededSampler(Sampler[int]):
+    """A random permutation drawn from ``(seed, epoch)``: the same order every time, so a resumed run sees the same batches."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def random_crop_flip(images: Tensor, padding: int, generator: torch.Generator) -> Tensor:
+    """Reflect-pad, crop back to the original size at a random offset, and flip half the images horizontally."""
+    batch, _, height, width = images.shape
+    padded = F.pad(images, (padding,) * 4, mode="reflect")
+    offsets = torch.randint(0, 2 * padding + 1, (2, batch), generator=generator, device=generator.device)
+    rows = (offsets[0, :, None] + torch.arange(height, device=images.device))[:, None, :, None]
+    cols = (offsets[1, :, None] + torch.arange(width, device=images.device))[:, None, None, :]
+    flip = torch.rand(batch, generator=generator, device=generator.device) < 0.5
+    cols = torch.where(flip[:, None, None, None], cols.flip(3), cols)
+    index = torch.arange(batch, device=images.device)[:, None, None, None]
+    channels = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
+    return padded[index, channels, rows, cols]
+
+
+class ImageTensorDataModule(pl.LightningDataModule):
+    """Base of the image data modules: subclasses only load uint8 tensors (N x C x H x W) and labels.
+
+    Batches travel as uint8; on the device they are converted, augmented (pad-crop-flip, training only)
+    and normalised. The augmentation is seeded by (seed, epoch, batch) so a resumed run repeats it exactly.
+    """
+
+    mean: Sequence[float] = (0.5, 0.5, 0.5)
+    std: Sequence[float] = (0.25, 0.25, 0.25)
+
+    def __init__(
+        self,
+        batch_size: int = 128,
+        eval_batch_size: int = 512,
+        val_size: int = 5000,
+        num_workers: int = 0,
+        augment: bool = True,
+        crop_padding: int = 4,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value < 1:
+                raise ValueError(f"data.{name}={value}: must be a positive integer")
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.val_size, self.num_workers = val_size, num_workers
+        self.augment, self.crop_padding, self.seed = augment, crop_padding, seed
+        self.class_names: list[str] = []
+        self._splits: dict[str, TensorDataset] = {}
+
+    def load(self) -> tuple[Tensor, Tensor, Tensor, Tensor, list[str]]:
+        """Train images, train labels, test images, test labels, class names."""
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:
+        self.setup()
+        return len(self.class_names)
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        self.setup()
+        return tuple(self._splits["test"].tensors[0].shape[1:])
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._splits:
+            return
+        train_x, train_y, test_x, test_y, self.class_names = self.load()
+        if not 0 <= self.val_size < len(train_x):
+            raise ValueError(f"data.val_size={self.val_size}: must be between 0 and the {len(train_x)} training images")
+        order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(self.seed))
+        val, train = order[: self.val_size], order[self.val_size :]
+        self._splits = {
+            "train": TensorDataset(train_x[train], train_y[train]),
+            "val": TensorDataset(train_x[val], train_y[val]),
+            "test": TensorDataset(test_x, test_y),
+        }
+
+    def _loader(self, split: str, batch_size: int, **kwargs) -> DataLoader:
+        return DataLoader(
+            self._splits[split],
+            batch_size=batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            **kwargs,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = EpochSeededSampler(len(self._splits["train"]), self.seed)
+        return self._loader("train", self.batch_size, sampler=sampler, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size)
+
+    def prepare_batch(self, images: Tensor, train: bool, step: int = 0) -> Tensor:
+        """uint8 images on the device -> normalised float images, augmented when ``train``."""
+        images = images.float().div_(255)
+        if train and self.augment:
+            generator = torch.Generator(images.device).manual_seed(self.seed * 1_000_003 + step)
+            images = random_crop_flip(images, self.crop_padding, generator)
+        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
+        return (images - mean) / std
+
+    def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
+        images, labels = batch
+        train = self.trainer is not None and self.trainer.training
+        step = 0
+        if train:
+            batch_index = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
+            step = (self.trainer.current_epoch * 1_000_003 + batch_index) * 1009 + self.trainer.global_rank
+        return self.prepare_batch(images, train, step), labels
