@@ -16,18 +16,29 @@ import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import WandbLogger
 
 from splitnet.data import DataError
 from splitnet.module import SplitNetModule
 from splitnet.plan import SplitConfigError
-from splitnet.report import count_flops, count_params, format_table, write_summary
+from splitnet.report import count_flops, count_params, format_table, summary_scalars, write_summary
 
 log = logging.getLogger("splitnet")
+OmegaConf.register_new_resolver("run_name", lambda overrides: overrides or "default", replace=True)
+
+
+class RunDirError(RuntimeError):
+    """The run directory already holds another run's checkpoints."""
 
 
 def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: str) -> str | None:
     """``last`` means this run directory's last checkpoint; anything else must be an existing file."""
     if ckpt_path is None:
+        if (Path(checkpoint_dir) / "last.ckpt").exists():
+            raise RunDirError(
+                f"{Path(checkpoint_dir).parent} already holds a run (checkpoints/last.ckpt): add ckpt_path=last to "
+                "resume it, or set hydra.run.dir to a new folder; nothing was overwritten"
+            )
         return None
     path = Path(checkpoint_dir) / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
     if not path.is_file():
@@ -77,6 +88,9 @@ def train(cfg: DictConfig) -> dict:
         "epochs": trainer.current_epoch,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.summary.update(summary_scalars(summary))
     if trainer.is_global_zero:
         path = write_summary(summary, cfg.paths.output_dir)
         log.info("summary written to %s\n%s", path, format_table(summary))
@@ -87,7 +101,12 @@ def train(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> None:
     try:
         train(cfg)
-    except (SplitConfigError, DataError, FileNotFoundError, FloatingPointError) as error:
+    except FloatingPointError as error:
+        last = Path(cfg.paths.checkpoint_dir) / "last.ckpt"
+        where = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written before it"
+        log.error("%s; %s", error, where)
+        sys.exit(f"error: {error}; {where}")
+    except (SplitConfigError, DataError, RunDirError, FileNotFoundError) as error:
         log.error("%s", error)
         sys.exit(f"error: {error}")
 

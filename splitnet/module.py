@@ -75,11 +75,6 @@ class SplitNetModule(pl.LightningModule):
 
     def apply_split(self, spec: TreeSpec) -> None:
         """Rebuild the network as the tree of ``spec`` (weights from the current network's diagonal blocks)."""
-        if tuple(spec.groups) != self.groups:
-            raise SplitConfigError(
-                f"the tree in the checkpoint has groups {'-'.join(map(str, spec.groups))}, "
-                f"but this run's split.groups is '{self.split_config['groups']}'"
-            )
         with torch.no_grad():
             tree = build_tree(self.net, self.plan, spec)
         tree.train(self.net.training)
@@ -135,6 +130,7 @@ class SplitNetModule(pl.LightningModule):
     # --- checkpoints -------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["splitnet"] = {
+            "groups": list(self.groups),
             "tree_spec": None if self.tree_spec is None else self.tree_spec.to_dict(),
             "phase_results": self.phase_results,
         }
@@ -142,10 +138,15 @@ class SplitNetModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "splitnet" not in checkpoint:
             raise SplitConfigError("this checkpoint was not written by splitnet (it has no 'splitnet' entry)")
+        state = checkpoint["splitnet"]
         saved = checkpoint["hyper_parameters"]["backbone"]
         if saved != self.hparams.backbone:
             raise SplitConfigError(f"the checkpoint's backbone {dict(saved)} differs from this run's {dict(self.hparams.backbone)}")
-        state = checkpoint["splitnet"]
+        if tuple(state["groups"]) != self.groups:
+            raise SplitConfigError(
+                f"the checkpoint was trained for split {'-'.join(map(str, state['groups']))}, "
+                f"but this run's split.groups is '{self.split_config['groups']}'"
+            )
         self.phase_results = state["phase_results"]
         if state["tree_spec"] is not None and self.tree_spec is None:
             self.apply_split(TreeSpec.from_dict(state["tree_spec"]))

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.strategies import DDPStrategy
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
 from splitnet.module import GROUP, SplitNetModule
-from splitnet.report import count_params
+from splitnet.pictures import render_pictures
+from splitnet.report import SPLIT_RECORD, count_params, split_record
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +66,8 @@ class SplitPhase(pl.Callback):
         if pl_module.phase != GROUP or trainer.current_epoch < self.at_epoch:
             return
         self._record(trainer, pl_module, "group")
-        dense_params = count_params(pl_module.net)
+        dense = pl_module.net
+        probs = pl_module.grouping.probabilities() if pl_module.grouping is not None else {}
         spec = pl_module.split()
         if isinstance(trainer.strategy, DDPStrategy):
             if trainer.strategy._layer_sync is not None:
@@ -73,7 +77,20 @@ class SplitPhase(pl.Callback):
         trainer.strategy.setup_optimizers(trainer)
         log.info(
             "split %s at epoch %d: params %.3fM -> %.3fM; class groups %s; channel groups %s",
-            "-".join(map(str, spec.groups)), trainer.current_epoch, dense_params / 1e6,
+            "-".join(map(str, spec.groups)), trainer.current_epoch, count_params(dense) / 1e6,
             count_params(pl_module.net) / 1e6, [len(g) for g in pl_module.net.class_groups()], spec.group_sizes(),
         )
         self._record(trainer, pl_module, "split")
+        if trainer.is_global_zero:
+            self._save_pictures(trainer, split_record(dense, pl_module.plan, spec, probs, trainer.datamodule.class_names))
+
+    @staticmethod
+    def _save_pictures(trainer: pl.Trainer, record: dict) -> None:
+        """Keep the split record in the run directory, draw its pictures, and send them to wandb if it logs."""
+        run_dir = Path(trainer.default_root_dir)
+        torch.save(record, run_dir / SPLIT_RECORD)
+        paths = render_pictures(record, run_dir / "pictures")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image("split/pictures", [str(p) for p in paths], step=trainer.global_step,
+                                 caption=[p.stem for p in paths])

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import argparse
+import csv
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from splitnet.grouping import weight_energy
+from splitnet.pictures import render_pictures
+from splitnet.plan import SplitPlan
+from splitnet.surgery import TreeSpec
+
+SPLIT_RECORD = "split_record.pt"
 
 
 def count_params(model: nn.Module) -> int:
@@ -29,6 +39,37 @@ def count_flops(model: nn.Module, image_shape: tuple[int, ...]) -> int:
     return counter.get_total_flops()
 
 
+def split_record(
+    dense: nn.Module, plan: SplitPlan, spec: TreeSpec, probs: dict[str, Tensor], class_names: list[str]
+) -> dict[str, Any]:
+    """What the pictures of a split need: soft and hard assignments, the class groups, and the largest split
+    layer's weight energy (outputs x inputs) with the groups of its rows and columns."""
+    dims = plan.grouping_dims(dense)
+    layer, largest = None, 0
+    for index, level in enumerate(plan.levels):
+        if spec.groups[index] == 1:
+            continue
+        for name, (in_name, out_name) in level.layers.items():
+            weight = dense.get_submodule(level.module).get_submodule(name).weight
+            if weight.numel() > largest:
+                largest = weight.numel()
+                rows = spec.labels_at(plan, index, out_name, dims[plan.source(index, out_name)[1]])
+                cols = spec.labels_at(plan, index, in_name, dims[plan.source(index, in_name)[1]])
+                layer = {"name": f"{level.module}.{name}", "energy": weight_energy(weight.detach()).T.cpu(),
+                         "row_labels": rows.tolist(), "col_labels": cols.tolist()}
+    last = len(plan.levels) - 1
+    class_labels = spec.labels_at(plan, last, "out", len(class_names))
+    return {
+        "groups": list(spec.groups),
+        "level_names": [level.module for level in plan.levels],
+        "labels": spec.labels,
+        "probs": {key: q.detach().cpu() for key, q in probs.items()},
+        "class_groups": [(class_labels == g).nonzero().flatten().tolist() for g in range(spec.groups[last])],
+        "class_names": list(class_names),
+        "layer": layer,
+    }
+
+
 def format_table(summary: dict[str, Any]) -> str:
     """A short text table of a run: size, cost and accuracy after each phase."""
     lines = [
@@ -45,7 +86,93 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def summary_scalars(summary: dict[str, Any]) -> dict[str, float]:
+    """The summary's numbers, flat, for a dashboard's run summary."""
+    scalars = {key: summary[key] for key in ("params", "flops", "dense_params", "dense_flops")}
+    for metric in ("val_acc", "test_acc"):
+        scalars |= {f"{phase}/{metric}": value for phase, value in summary[metric].items()}
+    return scalars
+
+
 def write_summary(summary: dict[str, Any], run_dir: str | Path) -> Path:
     path = Path(run_dir) / "summary.json"
     path.write_text(json.dumps(summary, indent=2))
     return path
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def sweep_rows(root: Path) -> list[dict[str, Any]]:
+    """One row per run under ``root``: the config values that differ between runs, then size, cost and accuracy."""
+    paths = sorted(root.rglob("summary.json"))
+    summaries = [json.loads(p.read_text()) for p in paths]
+    configs = [_flatten(s.get("config", {})) for s in summaries]
+    keys = sorted({k for c in configs for k in c})
+    varying = [
+        k for k in keys
+        if not k.startswith(("paths.", "callbacks.")) and len({json.dumps(c.get(k)) for c in configs}) > 1
+    ]
+    rows = []
+    for path, summary, config in zip(paths, summaries, configs):
+        row: dict[str, Any] = {"run": str(path.parent.relative_to(root)) or "."}
+        row |= {k: config.get(k) for k in varying}
+        row |= {
+            "split": summary["split"],
+            "params_M": round(summary["params"] / 1e6, 4),
+            "GFLOPs": round(summary["flops"] / 1e9, 4),
+            "val_acc": summary["val_acc"].get("finetune"),
+            "test_acc": summary["test_acc"].get("finetune"),
+        }
+        rows.append(row)
+    return rows
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    """Rows as an aligned text table."""
+    columns = list(rows[0])
+    cells = [[("" if r[c] is None else f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c])) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m splitnet.report DIR``: a run directory gets its pictures redrawn; any directory holding runs
+    (a sweep) gets one table of them, printed and written to DIR/report.csv."""
+    parser = argparse.ArgumentParser(prog="python -m splitnet.report", description=main.__doc__)
+    parser.add_argument("directory", type=Path)
+    args = parser.parse_args(argv)
+    root: Path = args.directory
+    if not root.is_dir():
+        parser.error(f"{root} is not a directory")
+    record_path = root / SPLIT_RECORD
+    if record_path.exists():
+        for path in render_pictures(torch.load(record_path, weights_only=False), root / "pictures"):
+            print(f"wrote {path}")
+    rows = sweep_rows(root)
+    if not rows:
+        parser.error(f"no summary.json under {root}: is it a run or sweep directory of train.py?")
+    print(format_rows(rows))
+    print(f"wrote {write_csv(rows, root / 'report.csv')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

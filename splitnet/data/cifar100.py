@@ -30,15 +30,16 @@ class CIFAR100DataModule(ImageTensorDataModule):
         except RuntimeError as missing:
             if not self.download:
                 raise DataError(
-                    f"CIFAR-100 was not found in {folder / 'cifar-100-python'} ({missing}) and data.download=false. "
-                    "Put the python version of CIFAR-100 there (files train, test, meta) or set data.root to the "
-                    "folder that holds cifar-100-python/"
+                    f"CIFAR-100 was not found in {folder / 'cifar-100-python'}, or its files are corrupt (they must "
+                    "pass torchvision's md5 check), and data.download=false. Put the python version of CIFAR-100 "
+                    "there (files train, test, meta) or set data.root to the folder that holds cifar-100-python/"
                 ) from None
         try:
             return CIFAR100(str(folder), train=train, download=True)
         except Exception as failure:  # noqa: BLE001 - any download failure gets the same advice
             raise DataError(
-                f"CIFAR-100 was not found in {folder / 'cifar-100-python'} and downloading it failed ({failure}). "
+                f"CIFAR-100 was not found in {folder / 'cifar-100-python'}, or its files are corrupt, and downloading "
+                f"it failed ({failure}). "
                 "Download cifar-100-python.tar.gz yourself and unpack it there, or set data.root to the folder "
                 "that holds cifar-100-python/"
             ) from None

@@ -1,0 +1,58 @@
+"""Experiments as users run them: Hydra sweeps collected by the report, wandb offline, pictures."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import ROOT, run_train
+
+TINY = ("experiment=smoke", "data=synthetic", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1", "schedule.group.epochs=1", "schedule.finetune.epochs=1")
+
+
+def test_sweep_runs_every_combination_and_the_report_collects_them(tmp_path: Path):
+    sweep = tmp_path / "sweep"
+    result = subprocess.run(
+        [sys.executable, "train.py", "-m", f"hydra.sweep.dir={sweep}", *TINY, "split=2-2-2,4-4-4", "seed=0,1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = [p.parent.name for p in sweep.rglob("summary.json")]  # each named by its overrides
+    for combination in ("seed=0,split=2-2-2", "seed=0,split=4-4-4", "seed=1,split=2-2-2", "seed=1,split=4-4-4"):
+        assert sum(combination in run for run in runs) == 1, (combination, runs)
+    report = subprocess.run([sys.executable, "-m", "splitnet.report", str(sweep)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert report.returncode == 0, report.stderr
+    rows = list(csv.DictReader((sweep / "report.csv").open()))
+    assert len(rows) == 4
+    assert {"split.groups", "seed", "params_M", "GFLOPs", "val_acc", "test_acc"} <= set(rows[0])
+    assert "schedule.batch_size" not in rows[0]  # only values that vary between the runs
+    by_split = {row["split.groups"]: float(row["params_M"]) for row in rows}
+    assert by_split["4-4-4"] < by_split["2-2-2"]
+    assert "split.groups" in report.stdout.splitlines()[0]
+
+
+def test_wandb_logs_offline_with_phases_summary_and_pictures(tmp_path: Path):
+    run_train(tmp_path, *TINY, "logger=wandb")
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    record = next(runs[0].glob("*.wandb")).read_bytes()
+    for key in (b"group/train_loss", b"group/disjoint", b"finetune/val_acc", b"finetune/test_acc", b"dense_flops",
+                b"gamma3"):
+        assert key in record, key
+    assert len(list((runs[0] / "files" / "media" / "images").rglob("*.png"))) == 3
+
+
+def test_pictures_are_redrawn_from_a_run_directory(tmp_path: Path):
+    run_train(tmp_path, *TINY)
+    pictures = sorted(p.name for p in (tmp_path / "pictures").iterdir())
+    assert pictures == ["assignments.png", "block_weights.png", "class_tree.png"]
+    for picture in (tmp_path / "pictures").iterdir():
+        picture.unlink()
+    report = subprocess.run([sys.executable, "-m", "splitnet.report", str(tmp_path)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert report.returncode == 0, report.stderr
+    assert sorted(p.name for p in (tmp_path / "pictures").iterdir()) == pictures
