@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CIFAR100 = ROOT.parent / "shared" / "data" / "cifar100" / "unpack.sh"
+SMOKE = ("experiment=smoke", "data=synthetic", "callbacks.checkpoint.save_top_k=-1")
 
 
 def run_train(run_dir: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -31,3 +34,19 @@ def cifar100_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("cifar100")
     subprocess.run(["bash", str(SHARED_CIFAR100), str(root)], check=True, capture_output=True)
     return root
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One smoke run on synthetic data (2 group + 2 finetune epochs), keeping every epoch's checkpoint."""
+    run_dir = tmp_path_factory.mktemp("smoke")
+    run_train(run_dir, *SMOKE)
+    return run_dir
+
+
+def read_summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]

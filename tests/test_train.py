@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-import json
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,25 +18,8 @@ from splitnet.module import SplitNetModule
 from splitnet.phases import evaluate
 from splitnet.report import count_params
 from splitnet.tree import SplitTree
-from tests.conftest import run_train
+from tests.conftest import ROOT, SMOKE, final_state, read_summary, run_train
 
-SMOKE = ("experiment=smoke", "data=synthetic", "callbacks.checkpoint.save_top_k=-1")
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One smoke run on synthetic data (2 group + 2 finetune epochs), keeping every epoch's checkpoint."""
-    run_dir = tmp_path_factory.mktemp("smoke")
-    run_train(run_dir, *SMOKE)
-    return run_dir
-
-
-def read_summary(run_dir: Path) -> dict:
-    return json.loads((run_dir / "summary.json").read_text())
-
-
-def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
 
 
 def test_smoke_run_writes_a_summary_of_all_phases(smoke_run: Path):
@@ -79,6 +67,37 @@ def test_resumed_run_continues_where_it_stopped(smoke_run: Path, tmp_path: Path,
     assert read_summary(resumed)["epochs"] == 4
 
 
+def test_run_killed_mid_finetune_resumes_with_the_same_command(smoke_run: Path, tmp_path: Path):
+    """SIGKILL during finetuning, then the same command plus ckpt_path=last: same tree, same weights, nothing lost."""
+    run_dir = tmp_path / "crashed"
+    command = [sys.executable, "train.py", f"hydra.run.dir={run_dir}", *SMOKE]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    first_finetune_epoch = run_dir / "checkpoints" / "epoch002.ckpt"
+    deadline = time.monotonic() + 600
+    while not first_finetune_epoch.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # let last.ckpt follow; we are now inside the second finetune epoch
+    assert process.poll() is None, "the run ended before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (run_dir / "summary.json").exists()
+
+    def digests() -> dict[str, str]:
+        files = [*(run_dir / "checkpoints").glob("epoch00[0-2].ckpt"), *(run_dir / "csv").rglob("*.csv")]
+        return {str(f.relative_to(run_dir)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+    before = digests()
+    refused = run_train(run_dir, *SMOKE, check=False)  # the same command alone must not start over
+    assert refused.returncode != 0 and "ckpt_path=last" in refused.stderr
+    run_train(run_dir, *SMOKE, "ckpt_path=last")
+    after = digests()
+    assert {k: after.get(k) for k in before} == before  # nothing written before the crash was lost or changed
+    expected, actual = final_state(smoke_run), final_state(run_dir)
+    assert all(torch.equal(expected[k], actual[k]) for k in expected) and expected.keys() == actual.keys()
+    assert read_summary(run_dir)["class_groups"] == read_summary(smoke_run)["class_groups"]
+
+
 def test_smoke_on_real_cifar100(cifar100_root: Path, tmp_path: Path):
     run_train(tmp_path, "experiment=smoke", "data=cifar100", f"data.root={cifar100_root}", "data.download=false")
     summary = read_summary(tmp_path)
@@ -96,6 +115,9 @@ def test_smoke_on_real_cifar100(cifar100_root: Path, tmp_path: Path):
         (("split.assign=nearest",), "split.assign='nearest' is not one of argmax, balanced, random"),
         (("split.groups=32-32-32",), "32 groups in grouping 'stage2:in', which has only 16 channels"),
         (("ckpt_path=/nonexistent/last.ckpt",), "ckpt_path=/nonexistent/last.ckpt: no checkpoint at"),
+        (("split=3-3-3",), "Could not find 'split/3-3-3'"),
+        (("backbone=resnet1000",), "Could not find 'backbone/resnet1000'"),
+        (("data=mnist",), "Could not find 'data/mnist'"),
     ],
 )
 def test_bad_config_fails_with_its_message(tmp_path: Path, overrides: tuple[str, ...], message: str):
@@ -103,6 +125,34 @@ def test_bad_config_fails_with_its_message(tmp_path: Path, overrides: tuple[str,
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_nan_loss_names_the_last_good_checkpoint(tmp_path: Path):
+    result = run_train(tmp_path, "experiment=smoke", "data=synthetic", "schedule.finetune.lr=1e30", check=False)
+    assert result.returncode != 0
+    assert "the finetune loss is nan at epoch 2, step" in result.stderr
+    assert f"the last good checkpoint is {tmp_path / 'checkpoints' / 'last.ckpt'}" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [(("backbone.width=2",), "the checkpoint's backbone"), (("split=4-4-4",), "trained for split 2-2-2")],
+    ids=["other-backbone", "other-split"],
+)
+def test_checkpoint_of_another_model_is_refused(smoke_run: Path, tmp_path: Path, overrides, message):
+    for epoch in ("001", "003"):  # before and after the split
+        checkpoint = smoke_run / "checkpoints" / f"epoch{epoch}.ckpt"
+        result = run_train(tmp_path / epoch, *SMOKE, *overrides, f"ckpt_path={checkpoint}", check=False)
+        assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_corrupt_cifar100_is_reported(tmp_path: Path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    for name in ("train", "test", "meta"):
+        (folder / name).write_bytes(b"not a pickle")
+    result = run_train(tmp_path / "run", "experiment=smoke", f"data.root={tmp_path}", "data.download=false", check=False)
+    assert result.returncode != 0 and "or its files are corrupt" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_missing_cifar100_says_where_it_looked(tmp_path: Path):

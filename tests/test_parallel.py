@@ -1,0 +1,61 @@
+"""Branch-parallel inference and per-part export compute exactly what the tree computes."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from splitnet.backbones import wide_resnet
+from splitnet.parallel import (BranchParallel, ExportedTree, PartTimes, balanced_placement, export_parts,
+                               parallel_units, predict_speedup)
+from splitnet.plan import parse_groups
+from splitnet.surgery import build_tree, hard_assign
+
+
+def make_tree(split: str, method: str = "random"):
+    torch.manual_seed(0)
+    model = wide_resnet(16, 2, num_classes=16).eval()
+    groups = parse_groups(split, model.split_plan)
+    free = model.split_plan.free_groupings(model, groups)
+    probs = {key: torch.rand(count, size) for key, (count, size) in free.items()}
+    return build_tree(model, model.split_plan, hard_assign(groups, probs, method, seed=3)).eval()
+
+
+@pytest.mark.parametrize("split, devices", [("2-2-2", 2), ("4-4-4", 2), ("4-4-4", 3), ("1-2-4", 2), ("1-1-2", 2),
+                                            ("2-4-8", 4)])
+def test_branch_parallel_equals_the_tree(split, devices):
+    tree = make_tree(split)
+    parallel = BranchParallel(tree, ["cpu"] * devices, (3, 32, 32))
+    images = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(parallel(images), tree(images))
+    assert set(parallel.placement.devices) == set(range(devices))  # every device gets work
+
+
+def test_hierarchical_trees_are_distributed_below_the_shared_levels():
+    tree = make_tree("1-2-4")
+    assert parallel_units(tree, 2) == [[0, 0], [0, 1]]  # stage 2 is one group: shared, stage 3 subtrees spread
+    assert parallel_units(tree, 4) == [[0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 1, 1]]
+
+
+def test_balanced_placement_evens_the_load():
+    assert balanced_placement([5, 4, 3, 3, 3], 2) == [0, 1, 1, 0, 1]  # largest first: loads 8 and 10
+    assert sorted(balanced_placement([1.0] * 8, 4)) == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def test_speed_model():
+    times = PartTimes(shared=1.0, units=[2.0, 2.0, 2.0, 2.0], input_bytes=[100] * 4)
+    assert predict_speedup(times, [0, 0, 0, 0], 1, bandwidth=1e9) == pytest.approx(1.0)
+    assert predict_speedup(times, [0, 1, 0, 1], 2, bandwidth=float("inf")) == pytest.approx(9 / 5)
+    assert predict_speedup(times, [0, 1, 2, 3], 4, bandwidth=100.0) == pytest.approx(9 / 4)  # 1 s per transfer
+
+
+@pytest.mark.parametrize("split", ["2-2-2", "1-2-4"])
+def test_exported_parts_reload_equal(split, tmp_path: Path):
+    tree = make_tree(split, "argmax" if split == "2-2-2" else "balanced")
+    images = torch.randn(3, 3, 32, 32)
+    reloaded = ExportedTree(export_parts(tree, images, tmp_path))
+    expected = {"trunk.pt2", "manifest.json", *(f"branch{i}.pt2" for i in range(len(tree.branches)))}
+    assert {p.name for p in tmp_path.iterdir()} == expected
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(images), tree(images), rtol=1e-5, atol=1e-6)
