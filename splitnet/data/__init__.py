@@ -2,6 +2,7 @@
 
 from splitnet.data.base import DataError, ImageTensorDataModule
 from splitnet.data.cifar100 import CIFAR100DataModule
+from splitnet.data.imagefolder import ImageFolderDataModule
 from splitnet.data.synthetic import SyntheticDataModule
 
-__all__ = ["CIFAR100DataModule", "DataError", "ImageTensorDataModule", "SyntheticDataModule"]
+__all__ = ["CIFAR100DataModule", "DataError", "ImageFolderDataModule", "ImageTensorDataModule", "SyntheticDataModule"]

@@ -110,7 +110,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str, batch_size: int, **kwargs) -> DataLoader:
         return DataLoader(self._splits[split], batch_size=batch_size, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, pin_memory=True, **kwargs)
+                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(), **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         sampler = EpochSeededSampler(len(self._splits["train"]), self.seed)
