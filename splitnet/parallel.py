@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from splitnet.report import count_flops
-from splitnet.tree import Branch, SplitTree
+from splitnet.tree import Branch, SplitTree, select_channels
 
 
 def parallel_units(tree: SplitTree, count: int) -> list[list[int]]:
@@ -86,7 +86,7 @@ class _StemOf(nn.Module):
         self.register_buffer("in_index", branch.in_index, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.body(x if self.in_index is None else x.index_select(1, self.in_index))
+        return self.body(x if self.in_index is None else select_channels(x, self.in_index))
 
 
 class _Unit(nn.Module):

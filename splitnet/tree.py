@@ -8,6 +8,13 @@ import torch
 from torch import Tensor, nn
 
 
+def select_channels(x: Tensor, index: Tensor) -> Tensor:
+    """``x[:, index]``, keeping a channels-last tensor channels-last (the gather then runs along memory)."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return x.permute(0, 2, 3, 1).index_select(3, index).permute(0, 3, 1, 2)
+    return x.index_select(1, index)
+
+
 class Branch(nn.Module):
     """One node of the tree: picks its input channels from its parent's output, runs its body, feeds its sub-branches.
 
@@ -29,7 +36,7 @@ class Branch(nn.Module):
 
     def forward(self, x: Tensor) -> list[Tensor]:
         if self.in_index is not None:
-            x = x.index_select(1, self.in_index)
+            x = select_channels(x, self.in_index)
         x = self.body(x)
         if not self.subbranches:
             return [x]

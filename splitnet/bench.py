@@ -1,0 +1,239 @@
+"""``python -m splitnet.bench``: training and inference throughput of dense networks and their split trees.
+
+Every tree is built by the project's own split code from balanced groups. Ratios are against the dense
+network at its best setting in the same run; the plain-PyTorch training loop is the reference for training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import logging
+import platform
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from splitnet.data.base import ImageTensorDataModule
+from splitnet.module import SplitNetModule
+from splitnet.plan import parse_groups
+from splitnet.report import count_flops, format_rows
+from splitnet.surgery import build_tree, hard_assign
+
+BACKBONES = {
+    "wrn16_1": ({"_target_": "splitnet.backbones.wide_resnet", "depth": 16, "width": 1}, (3, 32, 32), 100),
+    "wrn16_8": ({"_target_": "splitnet.backbones.wide_resnet", "depth": 16, "width": 8}, (3, 32, 32), 100),
+    "wrn16_4": ({"_target_": "splitnet.backbones.wide_resnet", "depth": 16, "width": 4}, (3, 32, 32), 100),
+    "resnet18": ({"_target_": "splitnet.backbones.resnet18"}, (3, 224, 224), 1000),
+    "resnet50": ({"_target_": "splitnet.backbones.resnet50"}, (3, 224, 224), 1000),
+    "alexnet": ({"_target_": "splitnet.backbones.alexnet"}, (3, 224, 224), 1000),
+}
+SCHEDULE = {phase: {"epochs": 1, "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
+                    "lr_schedule": "cosine", "dropout": 0.0} for phase in ("group", "finetune")}
+
+
+def balanced_tree(model: nn.Module, split: str) -> nn.Module:
+    """The tree of ``split`` with equal-size groups (as the split code builds it from uniform assignments)."""
+    groups = parse_groups(split, model.split_plan)
+    free = model.split_plan.free_groupings(model, groups)
+    probs = {key: torch.full((count, size), 1.0 / count) for key, (count, size) in free.items()}
+    return build_tree(model, model.split_plan, hard_assign(groups, probs, "balanced"))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def throughputs(steps: dict[str, Callable[[], object]], batch: int, device: torch.device, repeats: int,
+                warmup: int = 2) -> dict[str, float]:
+    """Images per second of each ``step`` (one batch each), from the median of ``repeats`` timed calls.
+
+    The steps take turns, so a slow spell of a shared machine hits them all alike.
+    """
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    _sync(device)
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            samples[name].append(time.perf_counter() - start)
+    return {name: batch / statistics.median(times) for name, times in samples.items()}
+
+
+def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def prepared(model: nn.Module, setting: str, device: torch.device, example: Tensor) -> Callable[[Tensor], Tensor]:
+    """``model`` as run under ``setting``: eager, channels_last, compile (channels_last + torch.compile), cudagraphs."""
+    model = copy.deepcopy(model).to(device).eval()
+    if setting != "eager":
+        model = model.to(memory_format=torch.channels_last)
+    if setting == "compile":
+        return torch.compile(model, mode="max-autotune-no-cudagraphs" if device.type == "cuda" else None)
+    if setting == "cudagraphs":
+        return torch.compile(model, mode="max-autotune")
+    return model
+
+
+def inference_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    config, shape, classes = BACKBONES[args.backbone]
+    dense = instantiate(config, num_classes=classes).eval()
+    models = {"dense": dense} | {split: balanced_tree(dense, split).eval() for split in args.splits}
+    flops = {name: count_flops(model, shape) for name, model in models.items()}
+    rows = []
+    for batch in args.infer_batches:
+        images = torch.randn(batch, *shape, device=device)
+        steps = {}
+        for name, model in models.items():
+            for setting in args.settings:
+                inputs = images.contiguous(memory_format=torch.channels_last) if setting != "eager" else images
+                steps[name, setting] = (lambda run, x: lambda: run(x))(prepared(model, setting, device, inputs), inputs)
+        with torch.inference_mode(), _autocast(device, args.bf16):
+            measured = throughputs(steps, batch, device, args.repeats)
+        best_dense = max(v for (name, _), v in measured.items() if name == "dense")
+        for (name, setting), value in measured.items():
+            rows.append({"mode": "inference", "model": args.backbone, "split": name, "batch": batch,
+                         "setting": setting, "img_per_s": round(value, 1), "vs_dense": round(value / best_dense, 3),
+                         "flop_ratio": round(flops["dense"] / flops[name], 3)})
+    return rows
+
+
+class _RandomImages(ImageTensorDataModule):
+    """Random uint8 images, augmented and normalised like the real data."""
+
+    def __init__(self, shape: tuple[int, ...], classes: int, count: int, **kwargs) -> None:
+        super().__init__(val_size=0, **kwargs)
+        self.shape, self.classes, self.count = shape, classes, count
+
+    def load(self):
+        generator = torch.Generator().manual_seed(0)
+        images = torch.randint(0, 256, (self.count, *self.shape), dtype=torch.uint8, generator=generator)
+        labels = torch.randint(0, self.classes, (self.count,), generator=generator)
+        return images, labels, images[:1], labels[:1], [str(i) for i in range(self.classes)]
+
+
+class _StepTimer(pl.Callback):
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.samples, self._start = warmup, [], 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        _sync(pl_module.device)
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        _sync(pl_module.device)
+        if batch_idx >= self.warmup:
+            self.samples.append(time.perf_counter() - self._start)
+
+
+def lightning_throughput(module: SplitNetModule, data: _RandomImages, args, device: torch.device) -> float:
+    timer = _StepTimer(warmup=2)
+    trainer = pl.Trainer(
+        accelerator=device.type, devices=1, max_steps=2 + args.repeats, limit_val_batches=0, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+        precision="bf16-mixed" if args.bf16 else "32-true",
+    )
+    trainer.fit(module, datamodule=data)
+    return data.batch_size / statistics.median(timer.samples)
+
+
+def plain_throughput(model: nn.Module, data: _RandomImages, args, device: torch.device) -> float:
+    """The reference: a plain PyTorch loop (no Lightning) over the same data pipeline."""
+    model = copy.deepcopy(model).to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    loader = iter(data.train_dataloader())
+
+    def step() -> None:
+        images, labels = next(loader)
+        images, labels = data.prepare_batch(images.to(device), train=True), labels.to(device)
+        with _autocast(device, args.bf16):
+            loss = F.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return throughputs({"plain": step}, data.batch_size, device, args.repeats)["plain"]
+
+
+def training_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    config, shape, classes = BACKBONES[args.backbone]
+    dense = instantiate(config, num_classes=classes)
+    flop_ratio = {"dense": 1.0} | {
+        split: count_flops(dense, shape) / count_flops(balanced_tree(dense, split), shape) for split in args.splits
+    }
+    rows = []
+    for batch in args.train_batches:
+        data = _RandomImages(shape, classes, batch * (args.repeats + 4), batch_size=batch)
+        data.setup()
+
+        def module(split: str) -> SplitNetModule:
+            split_cfg = {"groups": split, "assign": "balanced", "gamma1": 1.0, "gamma2": 1.0, "gamma3": 10.0}
+            return SplitNetModule(config, classes, split_cfg, SCHEDULE)
+
+        measured = {("plain loop", "dense"): plain_throughput(module("none").net, data, args, device)}
+        measured["lightning", "dense"] = lightning_throughput(module("none"), data, args, device)
+        for split in args.splits:
+            grouping = module(split)
+            measured["lightning group learning", split] = lightning_throughput(grouping, data, args, device)
+            tree = module(split)
+            tree.split()
+            measured["lightning finetune", split] = lightning_throughput(tree, data, args, device)
+        reference = measured["plain loop", "dense"]
+        for (setting, name), value in measured.items():
+            rows.append({"mode": "training", "model": args.backbone, "split": name, "batch": batch,
+                         "setting": setting, "img_per_s": round(value, 1), "vs_dense": round(value / reference, 3),
+                         "flop_ratio": round(flop_ratio[name], 3)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m splitnet.bench", description=__doc__)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backbone", default="wrn16_8", choices=sorted(BACKBONES))
+    parser.add_argument("--splits", default="2-2-2,4-4-4", type=lambda s: s.split(","))
+    parser.add_argument("--infer-batches", default=None, type=lambda s: [int(b) for b in s.split(",")])
+    parser.add_argument("--train-batches", default=None, type=lambda s: [int(b) for b in s.split(",")])
+    parser.add_argument("--settings", default=None, type=lambda s: s.split(","),
+                        help="inference settings: eager, channels_last, compile, cudagraphs")
+    parser.add_argument("--repeats", default=10, type=int)
+    parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--skip-inference", action="store_true")
+    parser.add_argument("--json", type=Path, help="also write the rows and the machine to this file")
+    args = parser.parse_args(argv)
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", module="pytorch_lightning")
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    args.bf16 = gpu
+    args.infer_batches = args.infer_batches or ([1, 64, 1024] if gpu else [64])
+    args.train_batches = args.train_batches or ([128, 512] if gpu else [32])
+    args.settings = args.settings or (["eager", "channels_last", "compile", "cudagraphs"] if gpu else ["eager", "channels_last"])
+    rows = ([] if args.skip_inference else inference_rows(args, device)) + ([] if args.skip_train else training_rows(args, device))
+    print(format_rows(rows))
+    if args.json:
+        machine = torch.cuda.get_device_name(device) if gpu else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"date": str(date.today()), "device": machine, "torch": torch.__version__,
+                                         "command": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
