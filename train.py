@@ -13,6 +13,7 @@ from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -21,10 +22,11 @@ from pytorch_lightning.loggers import WandbLogger
 from splitnet.data import DataError
 from splitnet.module import SplitNetModule
 from splitnet.plan import SplitConfigError
-from splitnet.report import count_flops, count_params, format_table, summary_scalars, write_summary
+from splitnet.report import count_flops, count_params, format_table, split_semantics, summary_scalars, write_summary
 
 log = logging.getLogger("splitnet")
 OmegaConf.register_new_resolver("run_name", lambda overrides: overrides or "default", replace=True)
+OmegaConf.register_new_resolver("on_gpu", lambda gpu, cpu: gpu if torch.cuda.is_available() else cpu, replace=True)
 
 
 class RunDirError(RuntimeError):
@@ -56,6 +58,7 @@ def train(cfg: DictConfig) -> dict:
         num_classes=datamodule.num_classes,
         split=OmegaConf.to_container(cfg.split, resolve=True),
         schedule=OmegaConf.to_container(cfg.schedule, resolve=True),
+        **cfg.model,
     )
     backbone_name = getattr(model.net, "name", type(model.net).__name__)
     dense_params, dense_flops = count_params(model.net), count_flops(model.net, datamodule.image_shape)
@@ -72,6 +75,7 @@ def train(cfg: DictConfig) -> dict:
         "test_acc": trainer.test(model, datamodule=datamodule, verbose=False)[0][f"{model.phase}/test_acc"],
     }
     results = {**model.phase_results, model.phase: finetune}
+    class_groups = model.net.class_groups() if model.tree_spec is not None else [list(range(datamodule.num_classes))]
     summary = {
         "backbone": backbone_name,
         "split": "-".join(map(str, model.groups)),
@@ -79,10 +83,12 @@ def train(cfg: DictConfig) -> dict:
         "flops": count_flops(model.net, datamodule.image_shape),
         "dense_params": dense_params,
         "dense_flops": dense_flops,
-        "class_groups": model.net.class_groups() if model.tree_spec is not None else [list(range(datamodule.num_classes))],
+        "class_groups": class_groups,
         "class_names": datamodule.class_names,
         "group_sizes": model.tree_spec.group_sizes() if model.tree_spec is not None else {},
         "tree_spec": model.tree_spec.to_dict() if model.tree_spec is not None else None,
+        "semantics": split_semantics(class_groups, datamodule.superclass_of)
+        if getattr(datamodule, "superclass_of", None) else None,
         "val_acc": {phase: r["val_acc"] for phase, r in results.items()},
         "test_acc": {phase: r["test_acc"] for phase, r in results.items()},
         "epochs": trainer.current_epoch,

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from splitnet.data.base import ImageTensorDataModule
 from splitnet.module import SplitNetModule
 from splitnet.plan import parse_groups
-from splitnet.report import count_flops, format_rows
+from splitnet.report import count_flops, count_params, format_rows
 from splitnet.surgery import build_tree, hard_assign
 
 BACKBONES = {
@@ -161,8 +161,7 @@ def plain_throughput(model: nn.Module, data: _RandomImages, args, device: torch.
     loader = iter(data.train_dataloader())
 
     def step() -> None:
-        images, labels = next(loader)
-        images, labels = data.prepare_batch(images.to(device), train=True), labels.to(device)
+        images, labels = data.fetch(next(loader), device, train=True)
         with _autocast(device, args.bf16):
             loss = F.cross_entropy(model(images), labels)
         optimizer.zero_grad(set_to_none=True)
@@ -203,10 +202,26 @@ def training_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
     return rows
 
 
+def cost_rows(backbones: list[str], splits: list[str]) -> list[dict]:
+    """Parameters and FLOPs per image of each backbone, dense and split with balanced groups."""
+    rows = []
+    for name in backbones:
+        config, shape, classes = BACKBONES[name]
+        dense = instantiate(config, num_classes=classes).eval()
+        dense_flops = count_flops(dense, shape)
+        for split in ["none", *splits]:
+            model = dense if split == "none" else balanced_tree(dense, split).eval()
+            flops = count_flops(model, shape)
+            rows.append({"model": name, "input": "x".join(map(str, shape[1:])), "split": split,
+                         "params_M": round(count_params(model) / 1e6, 2), "GFLOPs": round(flops / 1e9, 3),
+                         "flop_ratio": round(dense_flops / flops, 3)})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m splitnet.bench", description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--backbone", default="wrn16_8", choices=sorted(BACKBONES))
+    parser.add_argument("--backbone", default="wrn16_8", help=f"one of {', '.join(sorted(BACKBONES))}")
     parser.add_argument("--splits", default="2-2-2,4-4-4", type=lambda s: s.split(","))
     parser.add_argument("--infer-batches", default=None, type=lambda s: [int(b) for b in s.split(",")])
     parser.add_argument("--train-batches", default=None, type=lambda s: [int(b) for b in s.split(",")])
@@ -215,10 +230,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", default=10, type=int)
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-inference", action="store_true")
+    parser.add_argument("--costs", action="store_true",
+                        help="only print params and FLOPs of --backbone (a comma list) for dense and --splits")
     parser.add_argument("--json", type=Path, help="also write the rows and the machine to this file")
     args = parser.parse_args(argv)
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module="pytorch_lightning")
+    unknown = set(args.backbone.split(",")) - set(BACKBONES)
+    if unknown:
+        parser.error(f"--backbone {', '.join(sorted(unknown))}: not one of {', '.join(sorted(BACKBONES))}")
+    if args.costs:
+        print(format_rows(cost_rows(args.backbone.split(","), args.splits)))
+        return 0
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     args.bf16 = gpu

@@ -38,9 +38,14 @@ class SplitNetModule(pl.LightningModule):
         num_classes: number of classes of the data.
         split: ``groups`` (e.g. ``"2-2-2"``), ``assign`` (argmax / balanced / random), ``gamma1..3``, ``seed``.
         schedule: per-phase optimiser settings, ``group`` and ``finetune`` (see ``conf/schedule``).
+        channels_last: keep the network and its inputs in channels-last memory format.
+        compile: run the network through ``torch.compile`` (compiled again after the split).
     """
 
-    def __init__(self, backbone: dict, num_classes: int, split: dict, schedule: dict) -> None:
+    def __init__(
+        self, backbone: dict, num_classes: int, split: dict, schedule: dict, channels_last: bool = False,
+        compile: bool = False,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net: nn.Module = instantiate(backbone, num_classes=num_classes)
@@ -57,13 +62,26 @@ class SplitNetModule(pl.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         set_dropout(self.net, schedule[GROUP].get("dropout", 0.0))
+        self._prepare_net()
+
+    def _prepare_net(self) -> None:
+        """Apply the memory format and compilation settings to the current network."""
+        if self.hparams.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        # kept outside the module tree so that checkpoints hold the plain network's keys
+        object.__setattr__(self, "_compiled_net", torch.compile(self.net) if self.hparams.compile else None)
+
+    def _run(self, images: Tensor) -> Tensor:
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return (self._compiled_net or self.net)(images)
 
     @property
     def phase(self) -> str:
         return GROUP if self.tree_spec is None else FINETUNE
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        return self._run(x)
 
     # --- the split ---------------------------------------------------------------------------------------
     def split(self) -> TreeSpec:
@@ -82,11 +100,12 @@ class SplitNetModule(pl.LightningModule):
         self.grouping = None
         self.tree_spec = spec
         set_dropout(self.net, self.hparams.schedule[FINETUNE].get("dropout", 0.0))
+        self._prepare_net()
 
     # --- steps -------------------------------------------------------------------------------------------
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
-        logits = self.net(images)
+        logits = self._run(images)
         loss = F.cross_entropy(logits, labels)
         phase = self.phase
         self.log(f"{phase}/train_ce", loss)
@@ -112,12 +131,12 @@ class SplitNetModule(pl.LightningModule):
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         images, labels = batch
-        self.val_acc(self.net(images), labels)
+        self.val_acc(self._run(images), labels)
         self.log(f"{self.phase}/val_acc", self.val_acc, prog_bar=True)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         images, labels = batch
-        self.test_acc(self.net(images), labels)
+        self.test_acc(self._run(images), labels)
         self.log(f"{self.phase}/test_acc", self.test_acc)
 
     def configure_optimizers(self) -> dict[str, Any]:

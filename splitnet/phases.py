@@ -29,11 +29,11 @@ def evaluate(module: SplitNetModule, loader: DataLoader, datamodule, max_batches
     was_training = module.net.training
     module.net.eval()
     accuracy = MulticlassAccuracy(module.hparams.num_classes, average="micro").to(module.device)
-    for index, (images, labels) in enumerate(loader):
+    for index, batch in enumerate(loader):
         if index >= max_batches:
             break
-        images = datamodule.prepare_batch(images.to(module.device), train=False)
-        accuracy.update(module.net(images), labels.to(module.device))
+        images, labels = datamodule.fetch(batch, module.device, train=False)
+        accuracy.update(module(images), labels)
     module.net.train(was_training)
     return accuracy.compute().item()
 

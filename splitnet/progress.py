@@ -14,6 +14,7 @@ class PhaseProgressBar(TQDMProgressBar):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)
         phase = PHASE_TITLES.get(getattr(pl_module, "phase", ""), "")
+        self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
         self.train_progress_bar.set_description(f"{phase} epoch {trainer.current_epoch}".strip())
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:

@@ -70,6 +70,30 @@ def split_record(
     }
 
 
+def split_semantics(class_groups: list[list[int]], superclass_of: list[int]) -> dict[str, float]:
+    """How the leaf groups follow known superclasses: purity (share of superclasses whose classes all land in
+    one leaf) and the normalised mutual information between leaf and superclass over the classes."""
+    leaf_of = {c: leaf for leaf, classes in enumerate(class_groups) for c in classes}
+    members: dict[int, set[int]] = {}
+    for cls, sup in enumerate(superclass_of):
+        members.setdefault(sup, set()).add(leaf_of[cls])
+    purity = sum(len(leaves) == 1 for leaves in members.values()) / len(members)
+    joint = torch.zeros(len(class_groups), max(superclass_of) + 1, dtype=torch.float64)
+    for cls, sup in enumerate(superclass_of):
+        joint[leaf_of[cls], sup] += 1
+    joint /= joint.sum()
+    p_leaf, p_sup = joint.sum(1), joint.sum(0)
+
+    def entropy(p: Tensor) -> float:
+        p = p[p > 0]
+        return float(-(p * p.log()).sum())
+
+    nonzero = joint > 0
+    mutual = float((joint[nonzero] * (joint[nonzero] / (p_leaf[:, None] * p_sup[None, :])[nonzero]).log()).sum())
+    denominator = entropy(p_leaf) + entropy(p_sup)
+    return {"superclass_purity": purity, "nmi": 2 * mutual / denominator if denominator else 0.0}
+
+
 def format_table(summary: dict[str, Any]) -> str:
     """A short text table of a run: size, cost and accuracy after each phase."""
     lines = [

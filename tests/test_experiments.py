@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,3 +57,15 @@ def test_pictures_are_redrawn_from_a_run_directory(tmp_path: Path):
                             text=True, timeout=300)
     assert report.returncode == 0, report.stderr
     assert sorted(p.name for p in (tmp_path / "pictures").iterdir()) == pictures
+
+
+def test_tensorboard_logger_and_a_progress_bar_that_names_the_phase(tmp_path: Path):
+    result = run_train(tmp_path, *TINY, "logger=tensorboard")
+    assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
+    output = result.stdout + result.stderr
+    bars = output.replace("\r", "\n").splitlines()
+    group_bars = [line for line in bars if line.startswith("group learning epoch 0")]
+    finetune_bars = [line for line in bars if line.startswith("finetune epoch 1")]
+    assert any("group/disjoint=" in line and "group/balance=" in line for line in group_bars)
+    assert finetune_bars and not any("group/" in line for line in finetune_bars)
+    assert re.search(r"split 2-2-2 at epoch 1: params 0\.175M -> 0\.0\d\dM; class groups \[5, 5\]", output)

@@ -93,3 +93,17 @@ def test_assignments_are_softmax_over_groups_and_learn_from_the_regularisers():
         optimizer.step()
     end = assignments.regularisers(model)
     assert end.disjoint < start.disjoint and end.group_weight < start.group_weight
+
+
+def test_split_semantics_purity_and_nmi():
+    from splitnet.report import split_semantics
+
+    superclass_of = [0, 0, 1, 1, 2, 2, 3, 3]
+    perfect = split_semantics([[0, 1, 2, 3], [4, 5, 6, 7]], superclass_of)
+    assert perfect["superclass_purity"] == 1.0
+    # I(leaf; superclass) = H(leaf) = log 2, H(superclass) = log 4: NMI = 2 log2 / (log2 + log4) = 2/3
+    assert perfect["nmi"] == pytest.approx(2 / 3)
+    crossed = split_semantics([[0, 2, 4, 6], [1, 3, 5, 7]], superclass_of)
+    assert crossed == {"superclass_purity": 0.0, "nmi": 0.0}
+    half = split_semantics([[0, 1, 2, 4], [3, 5, 6, 7]], superclass_of)
+    assert half["superclass_purity"] == 0.5

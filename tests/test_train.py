@@ -104,6 +104,18 @@ def test_smoke_on_real_cifar100(cifar100_root: Path, tmp_path: Path):
     assert summary["params"] < summary["dense_params"] and summary["flops"] < summary["dense_flops"]
     assert len(summary["class_names"]) == 100 and summary["class_names"][0] == "apple"
     assert summary["test_acc"]["finetune"] > 0.02  # chance is 0.01
+    assert 0.0 <= summary["semantics"]["superclass_purity"] <= 1.0 and 0.0 <= summary["semantics"]["nmi"] <= 1.0
+
+
+def test_cifar100_superclasses_are_read(cifar100_root: Path):
+    from splitnet.data import CIFAR100DataModule
+
+    data = CIFAR100DataModule(root=str(cifar100_root), download=False)
+    data.setup()
+    assert data.class_names[0] == "apple" and data.superclass_of[0] == 4  # fruit and vegetables
+    assert sorted(data.superclass_of.count(s) for s in range(20)) == [5] * 20
+    assert len(data._indices["train"]) == 45000 and len(data._indices["val"]) == 5000
+    assert len(data._indices["test"]) == 10000
 
 
 @pytest.mark.parametrize(

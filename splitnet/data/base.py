@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torch.utils.data import DataLoader, Sampler
 
 
 class DataError(RuntimeError):
@@ -47,10 +47,12 @@ def random_crop_flip(images: Tensor, padding: int, generator: torch.Generator) -
 
 
 class ImageTensorDataModule(pl.LightningDataModule):
-    """Base of the image data modules: subclasses only load uint8 tensors (N x C x H x W) and labels.
+    """Base of the in-memory image data modules: subclasses only load uint8 tensors (N x C x H x W) and labels.
 
-    Batches travel as uint8; on the device they are converted, augmented (pad-crop-flip, training only)
-    and normalised. The augmentation is seeded by (seed, epoch, batch) so a resumed run repeats it exactly.
+    The whole data set lives as one uint8 tensor on the training device; the data loaders yield only
+    indices. After the transfer a batch is gathered there, augmented (pad-crop-flip, training only) and
+    normalised, so no per-image work runs on the CPU. The augmentation is seeded by (seed, epoch, batch,
+    rank), so a resumed run repeats it exactly.
     """
 
     mean: Sequence[float] = (0.5, 0.5, 0.5)
@@ -74,7 +76,10 @@ class ImageTensorDataModule(pl.LightningDataModule):
         self.val_size, self.num_workers = val_size, num_workers
         self.augment, self.crop_padding, self.seed = augment, crop_padding, seed
         self.class_names: list[str] = []
-        self._splits: dict[str, TensorDataset] = {}
+        self._images: Tensor | None = None
+        self._labels: Tensor | None = None
+        self._indices: dict[str, Tensor] = {}
+        self._resident: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
     def load(self) -> tuple[Tensor, Tensor, Tensor, Tensor, list[str]]:
         """Train images, train labels, test images, test labels, class names."""
@@ -88,25 +93,25 @@ class ImageTensorDataModule(pl.LightningDataModule):
     @property
     def image_shape(self) -> tuple[int, ...]:
         self.setup()
-        return tuple(self._splits["test"].tensors[0].shape[1:])
+        return tuple(self._images.shape[1:])
 
     def setup(self, stage: str | None = None) -> None:
-        if self._splits:
+        if self._indices:
             return
         train_x, train_y, test_x, test_y, self.class_names = self.load()
         if not 0 <= self.val_size < len(train_x):
             raise ValueError(f"data.val_size={self.val_size}: must be between 0 and the {len(train_x)} training images")
         order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(self.seed))
-        val, train = order[: self.val_size], order[self.val_size :]
-        self._splits = {
-            "train": TensorDataset(train_x[train], train_y[train]),
-            "val": TensorDataset(train_x[val], train_y[val]),
-            "test": TensorDataset(test_x, test_y),
+        self._images, self._labels = torch.cat([train_x, test_x]), torch.cat([train_y, test_y])
+        self._indices = {
+            "train": order[self.val_size :],
+            "val": order[: self.val_size],
+            "test": torch.arange(len(train_x), len(self._images)),
         }
 
     def _loader(self, split: str, batch_size: int, **kwargs) -> DataLoader:
         return DataLoader(
-            self._splits[split],
+            self._indices[split].tolist(),
             batch_size=batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -114,7 +119,7 @@ class ImageTensorDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        sampler = EpochSeededSampler(len(self._splits["train"]), self.seed)
+        sampler = EpochSeededSampler(len(self._indices["train"]), self.seed)
         return self._loader("train", self.batch_size, sampler=sampler, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
@@ -123,8 +128,16 @@ class ImageTensorDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", self.eval_batch_size)
 
+    def fetch(self, batch: Tensor, device: torch.device, train: bool, step: int = 0) -> tuple[Tensor, Tensor]:
+        """A batch of indices -> normalised float images (augmented when ``train``) and labels, on ``device``."""
+        if device not in self._resident:
+            self._resident[device] = (self._images.to(device), self._labels.to(device))
+        images, labels = self._resident[device]
+        batch = batch.to(device)
+        return self.prepare_batch(images[batch], train, step), labels[batch]
+
     def prepare_batch(self, images: Tensor, train: bool, step: int = 0) -> Tensor:
-        """uint8 images on the device -> normalised float images, augmented when ``train``."""
+        """uint8 images -> normalised float images, augmented when ``train``."""
         images = images.float().div_(255)
         if train and self.augment:
             generator = torch.Generator(images.device).manual_seed(self.seed * 1_000_003 + step)
@@ -133,11 +146,10 @@ class ImageTensorDataModule(pl.LightningDataModule):
         std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
         return (images - mean) / std
 
-    def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
-        images, labels = batch
+    def on_after_batch_transfer(self, batch: Tensor, dataloader_idx: int) -> tuple[Tensor, Tensor]:
         train = self.trainer is not None and self.trainer.training
         step = 0
         if train:
             batch_index = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
             step = (self.trainer.current_epoch * 1_000_003 + batch_index) * 1009 + self.trainer.global_rank
-        return self.prepare_batch(images, train, step), labels
+        return self.fetch(batch, batch.device, train, step)

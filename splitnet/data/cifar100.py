@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
 from torch import Tensor
 from torchvision.datasets import CIFAR100
+from torchvision.datasets.utils import check_integrity
 
 from splitnet.data.base import DataError, ImageTensorDataModule
 
@@ -20,8 +22,7 @@ class CIFAR100DataModule(ImageTensorDataModule):
     def __init__(self, root: str = "data", download: bool = True, **kwargs) -> None:
         super().__init__(**kwargs)
         self.root, self.download = root, download
-        self.coarse_labels: Tensor | None = None
-        self.coarse_names: list[str] = []
+        self.superclass_of: list[int] = []  # CIFAR-100's 20 superclasses: the superclass of each class
 
     def _dataset(self, train: bool) -> CIFAR100:
         folder = Path(self.root).expanduser().resolve()
@@ -46,8 +47,21 @@ class CIFAR100DataModule(ImageTensorDataModule):
 
     def load(self) -> tuple[Tensor, Tensor, Tensor, Tensor, list[str]]:
         train, test = self._dataset(True), self._dataset(False)
+        self.superclass_of = _superclasses(Path(train.root) / train.base_folder / "train", len(train.classes))
 
         def images(dataset: CIFAR100) -> Tensor:
             return torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
 
         return images(train), torch.tensor(train.targets), images(test), torch.tensor(test.targets), list(train.classes)
+
+
+def _superclasses(train_file: Path, classes: int) -> list[int]:
+    """The coarse label of each fine class, read from the training file (torchvision keeps only fine labels)."""
+    if not check_integrity(str(train_file)):
+        raise DataError(f"{train_file} is corrupt")
+    with open(train_file, "rb") as handle:
+        records = pickle.load(handle, encoding="latin1")
+    superclass_of = [-1] * classes
+    for fine, coarse in zip(records["fine_labels"], records["coarse_labels"]):
+        superclass_of[fine] = coarse
+    return superclass_of

@@ -122,9 +122,10 @@ class ImageFolderDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", self.eval_batch_size)
 
-    def prepare_batch(self, images: Tensor, train: bool, step: int = 0) -> Tensor:
-        """Images arrive augmented and normalised by the workers."""
-        return images
+    def fetch(self, batch: tuple[Tensor, Tensor], device: torch.device, train: bool, step: int = 0) -> tuple[Tensor, Tensor]:
+        """Images arrive augmented and normalised by the workers; only moved to ``device`` here."""
+        images, labels = batch
+        return images.to(device), labels.to(device)
 
     @property
     def skipped_images(self) -> int:
