@@ -114,8 +114,8 @@ def test_cifar100_superclasses_are_read(cifar100_root: Path):
     data.setup()
     assert data.class_names[0] == "apple" and data.superclass_of[0] == 4  # fruit and vegetables
     assert sorted(data.superclass_of.count(s) for s in range(20)) == [5] * 20
-    assert len(data._indices["train"]) == 45000 and len(data._indices["val"]) == 5000
-    assert len(data._indices["test"]) == 10000
+    sizes = [len(loader.dataset) for loader in (data.train_dataloader(), data.val_dataloader(), data.test_dataloader())]
+    assert sizes == [45000, 5000, 10000]
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 class DataError(RuntimeError):
@@ -46,7 +46,61 @@ def random_crop_flip(images: Tensor, padding: int, generator: torch.Generator) -
     return padded[index, channels, rows, cols]
 
 
-class ImageTensorDataModule(pl.LightningDataModule):
+class SplitDataModule(pl.LightningDataModule):
+    """Train, held-out validation and test loaders, shared by every data module.
+
+    Subclasses fill ``_datasets`` ("train", "val", "test") and ``class_names`` in ``setup`` and turn a
+    loader's batch into images and labels on a device in ``fetch``.
+    """
+
+    def __init__(self, batch_size: int, eval_batch_size: int, val_size: int, num_workers: int, seed: int) -> None:
+        super().__init__()
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value < 1:
+                raise ValueError(f"data.{name}={value}: must be a positive integer")
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.val_size, self.num_workers, self.seed = val_size, num_workers, seed
+        self.class_names: list[str] = []
+        self._datasets: dict[str, Dataset] = {}
+
+    @property
+    def num_classes(self) -> int:
+        self.setup()
+        return len(self.class_names)
+
+    def held_out(self, count: int) -> tuple[list[int], list[int]]:
+        """A seeded split of ``count`` training images: (train indices, validation indices)."""
+        if not 0 <= self.val_size < count:
+            raise ValueError(f"data.val_size={self.val_size}: must be between 0 and the {count} training images")
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(self.seed)).tolist()
+        return order[self.val_size :], order[: self.val_size]
+
+    def _loader(self, split: str, batch_size: int, **kwargs) -> DataLoader:
+        return DataLoader(
+            self._datasets[split],
+            batch_size=batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            **kwargs,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = EpochSeededSampler(len(self._datasets["train"]), self.seed)
+        return self._loader("train", self.batch_size, sampler=sampler, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size)
+
+    def fetch(self, batch, device: torch.device, train: bool, step: int = 0) -> tuple[Tensor, Tensor]:
+        """A loader's batch -> model-ready images and labels on ``device`` (augmented when ``train``)."""
+        raise NotImplementedError
+
+
+class ImageTensorDataModule(SplitDataModule):
     """Base of the in-memory image data modules: subclasses only load uint8 tensors (N x C x H x W) and labels.
 
     The whole data set lives as one uint8 tensor on the training device; the data loaders yield only
@@ -68,17 +122,10 @@ class ImageTensorDataModule(pl.LightningDataModule):
         crop_padding: int = 4,
         seed: int = 0,
     ) -> None:
-        super().__init__()
-        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-            if value < 1:
-                raise ValueError(f"data.{name}={value}: must be a positive integer")
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.val_size, self.num_workers = val_size, num_workers
-        self.augment, self.crop_padding, self.seed = augment, crop_padding, seed
-        self.class_names: list[str] = []
+        super().__init__(batch_size, eval_batch_size, val_size, num_workers, seed)
+        self.augment, self.crop_padding = augment, crop_padding
         self._images: Tensor | None = None
         self._labels: Tensor | None = None
-        self._indices: dict[str, Tensor] = {}
         self._resident: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
     def load(self) -> tuple[Tensor, Tensor, Tensor, Tensor, list[str]]:
@@ -86,47 +133,17 @@ class ImageTensorDataModule(pl.LightningDataModule):
         raise NotImplementedError
 
     @property
-    def num_classes(self) -> int:
-        self.setup()
-        return len(self.class_names)
-
-    @property
     def image_shape(self) -> tuple[int, ...]:
         self.setup()
         return tuple(self._images.shape[1:])
 
     def setup(self, stage: str | None = None) -> None:
-        if self._indices:
+        if self._datasets:
             return
         train_x, train_y, test_x, test_y, self.class_names = self.load()
-        if not 0 <= self.val_size < len(train_x):
-            raise ValueError(f"data.val_size={self.val_size}: must be between 0 and the {len(train_x)} training images")
-        order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(self.seed))
+        train, val = self.held_out(len(train_x))
         self._images, self._labels = torch.cat([train_x, test_x]), torch.cat([train_y, test_y])
-        self._indices = {
-            "train": order[self.val_size :],
-            "val": order[: self.val_size],
-            "test": torch.arange(len(train_x), len(self._images)),
-        }
-
-    def _loader(self, split: str, batch_size: int, **kwargs) -> DataLoader:
-        return DataLoader(
-            self._indices[split].tolist(),
-            batch_size=batch_size,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            **kwargs,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        sampler = EpochSeededSampler(len(self._indices["train"]), self.seed)
-        return self._loader("train", self.batch_size, sampler=sampler, drop_last=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.eval_batch_size)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size)
+        self._datasets = {"train": train, "val": val, "test": list(range(len(train_x), len(self._images)))}
 
     def fetch(self, batch: Tensor, device: torch.device, train: bool, step: int = 0) -> tuple[Tensor, Tensor]:
         """A batch of indices -> normalised float images (augmented when ``train``) and labels, on ``device``."""
@@ -135,7 +152,6 @@ class ImageTensorDataModule(pl.LightningDataModule):
         images, labels = self._resident[device]
         batch = batch.to(device)
         return self.prepare_batch(images[batch], train, step), labels[batch]
-
     def prepare_batch(self, images: Tensor, train: bool, step: int = 0) -> Tensor:
         """uint8 images -> normalised float images, augmented when ``train``."""
         images = images.float().div_(255)

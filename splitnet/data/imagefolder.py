@@ -7,15 +7,14 @@ import logging
 import multiprocessing
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Subset
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
-from splitnet.data.base import DataError, EpochSeededSampler
+from splitnet.data.base import DataError, SplitDataModule
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +46,7 @@ class TolerantImageFolder(ImageFolder):
         raise DataError(f"no readable image under {self.root}")
 
 
-class ImageFolderDataModule(pl.LightningDataModule):
+class ImageFolderDataModule(SplitDataModule):
     """``root/train`` (a held-out slice of it is the validation set) and ``root/<test_split>`` as the test set.
 
     The class count and names are read from the folders. ``on_bad_image``: ``skip`` (skipped and counted) or
@@ -59,20 +58,12 @@ class ImageFolderDataModule(pl.LightningDataModule):
         val_size: int = 10000, num_workers: int = 8, image_size: int = 224, on_bad_image: str = "skip",
         seed: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, eval_batch_size, val_size, num_workers, seed)
         if on_bad_image not in BAD_IMAGE_POLICIES:
             raise ValueError(f"data.on_bad_image='{on_bad_image}' is not one of {', '.join(BAD_IMAGE_POLICIES)}")
         self.root, self.test_split = Path(root).expanduser(), test_split
-        self.batch_size, self.eval_batch_size, self.val_size = batch_size, eval_batch_size, val_size
-        self.num_workers, self.image_size, self.on_bad_image, self.seed = num_workers, image_size, on_bad_image, seed
+        self.image_size, self.on_bad_image = image_size, on_bad_image
         self.skipped = multiprocessing.Value("i", 0)
-        self.class_names: list[str] = []
-        self._splits: dict[str, Dataset] = {}
-
-    @property
-    def num_classes(self) -> int:
-        self.setup()
-        return len(self.class_names)
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -90,7 +81,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
             raise DataError(f"{folder}: {error}") from None
 
     def setup(self, stage: str | None = None) -> None:
-        if self._splits:
+        if self._datasets:
             return
         normalize = transforms.Normalize(MEAN, STD)
         train_tf = transforms.Compose([transforms.RandomResizedCrop(self.image_size), transforms.RandomHorizontalFlip(),
@@ -101,26 +92,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
         test = self._folder(self.test_split, eval_tf)
         if test.classes != train.classes:
             raise DataError(f"{self.root / self.test_split} has other class folders than {self.root / 'train'}")
-        if not 0 <= self.val_size < len(train):
-            raise ValueError(f"data.val_size={self.val_size}: must be between 0 and the {len(train)} training images")
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed)).tolist()
+        train_indices, val_indices = self.held_out(len(train))
         self.class_names = list(train.classes)
-        self._splits = {"train": Subset(train, order[self.val_size:]), "val": Subset(held_out, order[: self.val_size]),
-                        "test": test}
-
-    def _loader(self, split: str, batch_size: int, **kwargs) -> DataLoader:
-        return DataLoader(self._splits[split], batch_size=batch_size, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(), **kwargs)
-
-    def train_dataloader(self) -> DataLoader:
-        sampler = EpochSeededSampler(len(self._splits["train"]), self.seed)
-        return self._loader("train", self.batch_size, sampler=sampler, drop_last=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.eval_batch_size)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size)
+        self._datasets = {"train": Subset(train, train_indices), "val": Subset(held_out, val_indices), "test": test}
 
     def fetch(self, batch: tuple[Tensor, Tensor], device: torch.device, train: bool, step: int = 0) -> tuple[Tensor, Tensor]:
         """Images arrive augmented and normalised by the workers; only moved to ``device`` here."""
