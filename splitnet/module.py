@@ -74,7 +74,7 @@ class SplitNetModule(pl.LightningModule):
     def _run(self, images: Tensor) -> Tensor:
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return (self._compiled_net or self.net)(images)
+        return (self.net if self._compiled_net is None else self._compiled_net)(images)
 
     @property
     def phase(self) -> str:

@@ -32,7 +32,8 @@ def build_optimizer(
         milestones = [epoch * steps_per_epoch for epoch in settings.get("milestones", [])]
         return optimizer, MultiStepLR(optimizer, milestones, gamma=settings.get("lr_decay", 0.1))
     if kind == "onecycle":
-        return optimizer, OneCycleLR(optimizer, max_lr=settings["lr"], total_steps=total + 1, pct_start=0.25)
+        # OneCycleLR needs a few steps per segment; a phase of fewer steps ends early in its cycle
+        return optimizer, OneCycleLR(optimizer, max_lr=settings["lr"], total_steps=max(total + 1, 8), pct_start=0.25)
     if kind == "cosine":
         return optimizer, CosineAnnealingLR(optimizer, T_max=total)
     raise ValueError(f"schedule lr_schedule='{kind}' is not one of {', '.join(LR_SCHEDULES)}")

@@ -173,3 +173,13 @@ def test_missing_cifar100_says_where_it_looked(tmp_path: Path):
     assert result.returncode != 0
     assert f"CIFAR-100 was not found in {empty / 'cifar-100-python'}" in result.stderr
     assert "set data.root" in result.stderr
+
+
+def test_compiled_network_trains_through_the_split(tmp_path: Path):
+    """model.compile=true: the dense network and, after the split, the tree run compiled; checkpoints keep plain keys."""
+    run_train(tmp_path, "experiment=smoke", "data=synthetic", "model.compile=true", "trainer.limit_train_batches=3",
+              "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "schedule.group.epochs=1",
+              "schedule.finetune.epochs=1")
+    assert read_summary(tmp_path)["epochs"] == 2
+    state = final_state(tmp_path)
+    assert any(key.startswith("net.branches.") for key in state) and not any("_orig_mod" in key for key in state)
