@@ -110,9 +110,10 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def summary_scalars(summary: dict[str, Any]) -> dict[str, float]:
-    """The summary's numbers, flat, for a dashboard's run summary."""
+def summary_scalars(summary: dict[str, Any]) -> dict[str, Any]:
+    """The summary's numbers (and group sizes), flat, for a dashboard's run summary."""
     scalars = {key: summary[key] for key in ("params", "flops", "dense_params", "dense_flops")}
+    scalars |= {f"group_sizes/{key}": sizes for key, sizes in summary["group_sizes"].items()}
     for metric in ("val_acc", "test_acc"):
         scalars |= {f"{phase}/{metric}": value for phase, value in summary[metric].items()}
     return scalars

@@ -42,7 +42,7 @@ def test_wandb_logs_offline_with_phases_summary_and_pictures(tmp_path: Path):
     assert len(runs) == 1
     record = next(runs[0].glob("*.wandb")).read_bytes()
     for key in (b"group/train_loss", b"group/disjoint", b"finetune/val_acc", b"finetune/test_acc", b"dense_flops",
-                b"gamma3"):
+                b"gamma3", b"group_sizes/stage2:in"):
         assert key in record, key
     assert len(list((runs[0] / "files" / "media" / "images").rglob("*.png"))) == 3
 
