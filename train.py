@@ -22,7 +22,7 @@ from pytorch_lightning.loggers import WandbLogger
 from splitnet.data import DataError
 from splitnet.module import SplitNetModule
 from splitnet.plan import SplitConfigError
-from splitnet.report import count_flops, count_params, format_table, split_semantics, summary_scalars, write_summary
+from splitnet.report import build_summary, format_table, network_stats, summary_scalars, write_summary
 
 log = logging.getLogger("splitnet")
 OmegaConf.register_new_resolver("run_name", lambda overrides: overrides or "default", replace=True)
@@ -60,8 +60,7 @@ def train(cfg: DictConfig) -> dict:
         schedule=OmegaConf.to_container(cfg.schedule, resolve=True),
         **cfg.model,
     )
-    backbone_name = getattr(model.net, "name", type(model.net).__name__)
-    dense_params, dense_flops = count_params(model.net), count_flops(model.net, datamodule.image_shape)
+    dense = network_stats(model.net, datamodule.image_shape)
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     loggers = [instantiate(c) for c in cfg.logger.values()] if cfg.get("logger") else False
     epochs = cfg.schedule.group.epochs + cfg.schedule.finetune.epochs
@@ -74,26 +73,10 @@ def train(cfg: DictConfig) -> dict:
         "val_acc": trainer.validate(model, datamodule=datamodule, verbose=False)[0][f"{model.phase}/val_acc"],
         "test_acc": trainer.test(model, datamodule=datamodule, verbose=False)[0][f"{model.phase}/test_acc"],
     }
-    results = {**model.phase_results, model.phase: finetune}
-    class_groups = model.net.class_groups() if model.tree_spec is not None else [list(range(datamodule.num_classes))]
-    summary = {
-        "backbone": backbone_name,
-        "split": "-".join(map(str, model.groups)),
-        "params": count_params(model.net),
-        "flops": count_flops(model.net, datamodule.image_shape),
-        "dense_params": dense_params,
-        "dense_flops": dense_flops,
-        "class_groups": class_groups,
-        "class_names": datamodule.class_names,
-        "group_sizes": model.tree_spec.group_sizes() if model.tree_spec is not None else {},
-        "tree_spec": model.tree_spec.to_dict() if model.tree_spec is not None else None,
-        "semantics": split_semantics(class_groups, datamodule.superclass_of)
-        if getattr(datamodule, "superclass_of", None) else None,
-        "val_acc": {phase: r["val_acc"] for phase, r in results.items()},
-        "test_acc": {phase: r["test_acc"] for phase, r in results.items()},
-        "epochs": trainer.current_epoch,
-        "config": OmegaConf.to_container(cfg, resolve=True),
-    }
+    summary = build_summary(
+        model, datamodule, {**model.phase_results, model.phase: finetune}, dense, trainer.current_epoch,
+        OmegaConf.to_container(cfg, resolve=True),
+    )
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
             logger.experiment.summary.update(summary_scalars(summary))

@@ -39,6 +39,41 @@ def count_flops(model: nn.Module, image_shape: tuple[int, ...]) -> int:
     return counter.get_total_flops()
 
 
+def network_stats(model: nn.Module, image_shape: tuple[int, ...]) -> dict[str, Any]:
+    """Name, parameter count and FLOPs per image of a network."""
+    return {"name": getattr(model, "name", type(model).__name__), "params": count_params(model),
+            "flops": count_flops(model, image_shape)}
+
+
+def build_summary(
+    module: nn.Module, datamodule: Any, results: dict[str, dict[str, float]], dense: dict[str, Any], epochs: int,
+    config: dict[str, Any],
+) -> dict[str, Any]:
+    """summary.json of a finished run: sizes and costs of the tree and the dense network, the groups, the
+    accuracy after each phase, and the resolved config."""
+    spec = module.tree_spec
+    class_groups = module.net.class_groups() if spec is not None else [list(range(datamodule.num_classes))]
+    superclass_of = getattr(datamodule, "superclass_of", None)
+    tree = network_stats(module.net, datamodule.image_shape)
+    return {
+        "backbone": dense["name"],
+        "split": "-".join(map(str, module.groups)),
+        "params": tree["params"],
+        "flops": tree["flops"],
+        "dense_params": dense["params"],
+        "dense_flops": dense["flops"],
+        "class_groups": class_groups,
+        "class_names": datamodule.class_names,
+        "group_sizes": spec.group_sizes() if spec is not None else {},
+        "tree_spec": spec.to_dict() if spec is not None else None,
+        "semantics": split_semantics(class_groups, superclass_of) if superclass_of else None,
+        "val_acc": {phase: r["val_acc"] for phase, r in results.items()},
+        "test_acc": {phase: r["test_acc"] for phase, r in results.items()},
+        "epochs": epochs,
+        "config": config,
+    }
+
+
 def split_record(
     dense: nn.Module, plan: SplitPlan, spec: TreeSpec, probs: dict[str, Tensor], class_names: list[str]
 ) -> dict[str, Any]:
