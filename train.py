@@ -48,6 +48,15 @@ def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: str) -> str | None:
     return str(path)
 
 
+def load_pretrained(net: torch.nn.Module, path: str) -> None:
+    """Start from a torchvision state dict (ResNets, AlexNet)."""
+    if not hasattr(net, "load_torchvision_state_dict"):
+        raise SplitConfigError(f"pretrained={path}: backbone {type(net).__name__} takes no torchvision weights")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"pretrained={path}: no such file")
+    net.load_torchvision_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+
 def train(cfg: DictConfig) -> dict:
     """Run all phases as configured; returns the summary (also written to <output_dir>/summary.json)."""
     pl.seed_everything(cfg.seed, workers=True)
@@ -60,6 +69,8 @@ def train(cfg: DictConfig) -> dict:
         schedule=OmegaConf.to_container(cfg.schedule, resolve=True),
         **cfg.model,
     )
+    if cfg.pretrained and ckpt_path is None:
+        load_pretrained(model.net, cfg.pretrained)
     dense = network_stats(model.net, datamodule.image_shape)
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     loggers = [instantiate(c) for c in cfg.logger.values()] if cfg.get("logger") else False

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 from PIL import Image
 
 from splitnet.data import DataError, ImageFolderDataModule
@@ -68,12 +69,14 @@ def test_unreadable_images_are_skipped_and_counted_or_an_error(tmp_path: Path):
         list(strict.test_dataloader())
 
 
-def test_resnet18_smoke_run_on_image_folders(tmp_path: Path):
+def test_resnet18_smoke_run_on_image_folders_from_torchvision_weights(tmp_path: Path):
     root = make_folders(tmp_path / "images")
+    pretrained = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), pretrained)
     run_train(
         tmp_path / "run", "experiment=smoke", "data=imagenet", f"data.root={root}", "data.image_size=32",
         "data.val_size=8", "data.num_workers=0", "data.eval_batch_size=8", "backbone=resnet18", "~backbone.width", "split.groups=2-2-4",
-        "schedule.batch_size=8", "trainer.limit_train_batches=3",
+        "schedule.batch_size=8", "trainer.limit_train_batches=3", f"pretrained={pretrained}",
     )
     summary = read_summary(tmp_path / "run")
     assert summary["backbone"] == "resnet18" and len(summary["class_groups"]) == 4

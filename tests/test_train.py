@@ -128,6 +128,7 @@ def test_cifar100_superclasses_are_read(cifar100_root: Path):
         (("split.groups=32-32-32",), "32 groups in grouping 'stage2:in', which has only 16 channels"),
         (("ckpt_path=/nonexistent/last.ckpt",), "ckpt_path=/nonexistent/last.ckpt: no checkpoint at"),
         (("split=3-3-3",), "Could not find 'split/3-3-3'"),
+        (("pretrained=resnet18.pth",), "pretrained=resnet18.pth: backbone WideResNet takes no torchvision weights"),
         (("backbone=resnet1000",), "Could not find 'backbone/resnet1000'"),
         (("data=mnist",), "Could not find 'data/mnist'"),
     ],
