@@ -80,7 +80,7 @@ def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMan
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
-def prepared(model: nn.Module, setting: str, device: torch.device, example: Tensor) -> Callable[[Tensor], Tensor]:
+def prepared(model: nn.Module, setting: str, device: torch.device) -> Callable[[Tensor], Tensor]:
     """``model`` as run under ``setting``: eager, channels_last, compile (channels_last + torch.compile), cudagraphs."""
     model = copy.deepcopy(model).to(device).eval()
     if setting != "eager":
@@ -104,7 +104,7 @@ def inference_rows(args: argparse.Namespace, device: torch.device) -> list[dict]
         for name, model in models.items():
             for setting in args.settings:
                 inputs = images.contiguous(memory_format=torch.channels_last) if setting != "eager" else images
-                steps[name, setting] = (lambda run, x: lambda: run(x))(prepared(model, setting, device, inputs), inputs)
+                steps[name, setting] = (lambda run, x: lambda: run(x))(prepared(model, setting, device), inputs)
         with torch.inference_mode(), _autocast(device, args.bf16):
             measured = throughputs(steps, batch, device, args.repeats)
         best_dense = max(v for (name, _), v in measured.items() if name == "dense")

@@ -62,7 +62,7 @@ class SplitPlan:
         dims: dict[str, int] = {}
 
         def record(level: int, name: str, size: int, layer: str) -> None:
-            src_level, key = self.source(level, name)
+            key = self.source(level, name)[1]
             if dims.setdefault(key, size) != size:
                 raise SplitConfigError(
                     f"split plan: layer '{layer}' gives grouping '{key}' {size} channels, another layer {dims[key]}"

@@ -28,7 +28,7 @@ class CIFAR100DataModule(ImageTensorDataModule):
         folder = Path(self.root).expanduser().resolve()
         try:
             return CIFAR100(str(folder), train=train, download=False)
-        except RuntimeError as missing:
+        except RuntimeError:
             if not self.download:
                 raise DataError(
                     f"CIFAR-100 was not found in {folder / 'cifar-100-python'}, or its files are corrupt (they must "
