@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     args.bf16 = gpu
     args.infer_batches = args.infer_batches or ([1, 64, 1024] if gpu else [64])
     args.train_batches = args.train_batches or ([128, 512] if gpu else [32])
-    args.settings = args.settings or (["eager", "channels_last", "compile", "cudagraphs"] if gpu else ["eager", "channels_last"])
+    args.settings = args.settings or (["eager", "channels_last", "compile"] + (["cudagraphs"] if gpu else []))
     rows = ([] if args.skip_inference else inference_rows(args, device)) + ([] if args.skip_train else training_rows(args, device))
     print(format_rows(rows))
     if args.json:

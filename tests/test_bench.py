@@ -8,7 +8,7 @@ from splitnet.bench import main
 def test_bench_prints_and_writes_training_and_inference_rows(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["--device", "cpu", "--backbone", "wrn16_1", "--splits", "2-2-2,4-4-4", "--infer-batches", "8",
-                 "--train-batches", "8", "--repeats", "1", "--json", str(out)]) == 0
+                 "--train-batches", "8", "--repeats", "1", "--settings", "eager,channels_last", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     rows = result["rows"]
     inference = [r for r in rows if r["mode"] == "inference"]
