@@ -119,7 +119,8 @@ class SplitNetModule(pl.LightningModule):
                  f"{phase}/balance": terms.balance},
                 prog_bar=True,
             )
-        if not torch.isfinite(loss):
+        # checked on logging steps only: a check every step would wait for the device every step
+        if self.global_step % self.trainer.log_every_n_steps == 0 and not torch.isfinite(loss):
             raise FloatingPointError(
                 f"the {phase} loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step}: "
                 "lower the learning rate or the gammas and resume from the last checkpoint"
