@@ -51,7 +51,6 @@ class SplitNetModule(pl.LightningModule):
         self.net: nn.Module = instantiate(backbone, num_classes=num_classes)
         self.plan = self.net.split_plan
         self.groups = parse_groups(split["groups"], self.plan)
-        self.split_config = split
         free = self.plan.free_groupings(self.net, self.groups)
         if split.get("assign", "argmax") not in ASSIGN_METHODS:
             raise SplitConfigError(f"split.assign='{split['assign']}' is not one of {', '.join(ASSIGN_METHODS)}")
@@ -87,7 +86,8 @@ class SplitNetModule(pl.LightningModule):
     def split(self) -> TreeSpec:
         """Harden the assignments into a tree spec and replace the dense network by the tree."""
         probs = self.grouping.probabilities() if self.grouping is not None else {}
-        spec = hard_assign(self.groups, probs, self.split_config.get("assign", "argmax"), self.split_config.get("seed", 0))
+        split = self.hparams.split
+        spec = hard_assign(self.groups, probs, split.get("assign", "argmax"), split.get("seed", 0))
         self.apply_split(spec)
         return spec
 
@@ -111,7 +111,7 @@ class SplitNetModule(pl.LightningModule):
         self.log(f"{phase}/train_ce", loss)
         if phase == GROUP and self.grouping is not None:
             terms = self.grouping.regularisers(self.net)
-            split = self.split_config
+            split = self.hparams.split
             loss = loss + split["gamma1"] * terms.disjoint + split["gamma2"] * terms.group_weight
             loss = loss + split["gamma3"] * terms.balance
             self.log_dict(
@@ -165,7 +165,7 @@ class SplitNetModule(pl.LightningModule):
         if tuple(state["groups"]) != self.groups:
             raise SplitConfigError(
                 f"the checkpoint was trained for split {'-'.join(map(str, state['groups']))}, "
-                f"but this run's split.groups is '{self.split_config['groups']}'"
+                f"but this run's split.groups is '{self.hparams.split['groups']}'"
             )
         self.phase_results = state["phase_results"]
         if state["tree_spec"] is not None and self.tree_spec is None:

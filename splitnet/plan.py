@@ -35,6 +35,11 @@ class SplitLevel:
     layers: Mapping[str, tuple[str, str]]
     norms: Mapping[str, str] = field(default_factory=dict)
 
+    @property
+    def names(self) -> set[str]:
+        """Every grouping name the level's layers use."""
+        return {n for pair in self.layers.values() for n in pair} | set(self.norms.values())
+
     def grouping_key(self, name: str) -> str:
         """Global key of one of this level's groupings (used for parameters and in checkpoints)."""
         return f"{self.module}:{name}"
@@ -85,8 +90,7 @@ class SplitPlan:
         for index, level in enumerate(self.levels):
             if groups[index] == 1:
                 continue
-            names = {n for pair in level.layers.values() for n in pair} | set(level.norms.values())
-            for name in sorted(names):
+            for name in sorted(level.names):
                 src_level, key = self.source(index, name)
                 if src_level == index:
                     free[key] = (groups[index], dims[key])

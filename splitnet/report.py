@@ -88,12 +88,12 @@ def split_record(
             weight = dense.get_submodule(level.module).get_submodule(name).weight
             if weight.numel() > largest:
                 largest = weight.numel()
-                rows = spec.labels_at(plan, index, out_name, dims[plan.source(index, out_name)[1]])
-                cols = spec.labels_at(plan, index, in_name, dims[plan.source(index, in_name)[1]])
+                rows = spec.labels_at(plan, index, out_name, dims)
+                cols = spec.labels_at(plan, index, in_name, dims)
                 layer = {"name": f"{level.module}.{name}", "energy": weight_energy(weight.detach()).T.cpu(),
                          "row_labels": rows.tolist(), "col_labels": cols.tolist()}
     last = len(plan.levels) - 1
-    class_labels = spec.labels_at(plan, last, "out", len(class_names))
+    class_labels = spec.labels_at(plan, last, "out", dims)
     return {
         "groups": list(spec.groups),
         "level_names": [level.module for level in plan.levels],

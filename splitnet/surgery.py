@@ -25,11 +25,12 @@ class TreeSpec:
     groups: tuple[int, ...]
     labels: dict[str, list[int]]
 
-    def labels_at(self, plan: SplitPlan, level: int, name: str, size: int) -> Tensor:
-        """Group of each channel of grouping ``name`` at ``level`` (upper-level groups merged in contiguous runs)."""
-        if self.groups[level] == 1:
-            return torch.zeros(size, dtype=torch.long)
+    def labels_at(self, plan: SplitPlan, level: int, name: str, dims: dict[str, int]) -> Tensor:
+        """Group of each channel of grouping ``name`` at ``level`` (upper-level groups merged in contiguous runs);
+        ``dims`` holds the channel count of each grouping (``SplitPlan.grouping_dims``)."""
         src_level, key = plan.source(level, name)
+        if self.groups[level] == 1:
+            return torch.zeros(dims[key], dtype=torch.long)
         return torch.tensor(self.labels[key]) // (self.groups[src_level] // self.groups[level])
 
     def group_sizes(self) -> dict[str, list[int]]:
@@ -136,18 +137,12 @@ def build_tree(dense: nn.Module, plan: SplitPlan, spec: TreeSpec) -> SplitTree:
     """Cut ``dense`` into a tree: each split layer becomes one smaller layer per group, holding its diagonal block."""
     _check_plan_covers(plan, dense)
     dims = plan.grouping_dims(dense)
-    level_dims = [
-        {name: dims[plan.source(i, name)[1]] for pair in level.layers.values() for name in pair}
-        | {name: dims[plan.source(i, name)[1]] for name in level.norms.values()}
-        for i, level in enumerate(plan.levels)
-    ]
 
     def build(level_index: int, group: int, parent_channels: Tensor) -> Branch:
         level = plan.levels[level_index]
-        labels = {
-            name: spec.labels_at(plan, level_index, name, size) for name, size in level_dims[level_index].items()
+        members = {
+            name: (spec.labels_at(plan, level_index, name, dims) == group).nonzero().flatten() for name in level.names
         }
-        members = {name: (lab == group).nonzero().flatten() for name, lab in labels.items()}
         body = copy.deepcopy(dense.get_submodule(level.module))
         for layer_name, (in_name, out_name) in level.layers.items():
             _slice_layer(body.get_submodule(layer_name), members[in_name], members[out_name])
@@ -163,7 +158,7 @@ def build_tree(dense: nn.Module, plan: SplitPlan, spec: TreeSpec) -> SplitTree:
         return Branch(body, _to(in_index, device), children)
 
     trunk = nn.Sequential(OrderedDict((name, copy.deepcopy(dense.get_submodule(name))) for name in plan.trunk))
-    roots = [build(0, g, torch.arange(level_dims[0][IN])) for g in range(spec.groups[0])]
+    roots = [build(0, g, torch.arange(dims[plan.source(0, IN)[1]])) for g in range(spec.groups[0])]
     return SplitTree(trunk, roots)
 
 
@@ -179,8 +174,8 @@ def masked_dense(dense: nn.Module, plan: SplitPlan, spec: TreeSpec) -> nn.Module
         for index, level in enumerate(plan.levels):
             body = masked.get_submodule(level.module)
             for layer_name, (in_name, out_name) in level.layers.items():
-                rows = spec.labels_at(plan, index, out_name, dims[plan.source(index, out_name)[1]])
-                cols = spec.labels_at(plan, index, in_name, dims[plan.source(index, in_name)[1]])
+                rows = spec.labels_at(plan, index, out_name, dims)
+                cols = spec.labels_at(plan, index, in_name, dims)
                 weight = body.get_submodule(layer_name).weight
                 mask = (rows[:, None] == cols[None, :]).to(weight.device, weight.dtype)
                 weight.mul_(mask.view(*mask.shape, *([1] * (weight.dim() - 2))))

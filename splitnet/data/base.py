@@ -126,7 +126,7 @@ class ImageTensorDataModule(SplitDataModule):
         self.augment, self.crop_padding = augment, crop_padding
         self._images: Tensor | None = None
         self._labels: Tensor | None = None
-        self._resident: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self._resident: dict[torch.device, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
 
     def load(self) -> tuple[Tensor, Tensor, Tensor, Tensor, list[str]]:
         """Train images, train labels, test images, test labels, class names."""
@@ -148,19 +148,17 @@ class ImageTensorDataModule(SplitDataModule):
     def fetch(self, batch: Tensor, device: torch.device, train: bool, step: int = 0) -> tuple[Tensor, Tensor]:
         """A batch of indices -> normalised float images (augmented when ``train``) and labels, on ``device``."""
         if device not in self._resident:
-            self._resident[device] = (self._images.to(device), self._labels.to(device))
-        images, labels = self._resident[device]
+            mean = torch.tensor(self.mean, device=device).view(1, -1, 1, 1)
+            std = torch.tensor(self.std, device=device).view(1, -1, 1, 1)
+            self._resident[device] = (self._images.to(device), self._labels.to(device), mean, std)
+        images, labels, mean, std = self._resident[device]
         batch = batch.to(device)
-        return self.prepare_batch(images[batch], train, step), labels[batch]
-    def prepare_batch(self, images: Tensor, train: bool, step: int = 0) -> Tensor:
-        """uint8 images -> normalised float images, augmented when ``train``."""
-        images = images.float().div_(255)
+        images = images[batch].float().div_(255)
         if train and self.augment:
-            generator = torch.Generator(images.device).manual_seed(self.seed * 1_000_003 + step)
+            generator = torch.Generator(device).manual_seed(self.seed * 1_000_003 + step)
             images = random_crop_flip(images, self.crop_padding, generator)
-        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
-        return (images - mean) / std
+        return (images - mean) / std, labels[batch]
+
 
     def on_after_batch_transfer(self, batch: Tensor, dataloader_idx: int) -> tuple[Tensor, Tensor]:
         train = self.trainer is not None and self.trainer.training
