@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -214,26 +215,44 @@ def predict_speedup(times: PartTimes, placement: Sequence[int], devices: int, ba
     return (times.shared + sum(times.units)) / (times.shared + max(loads))
 
 
-def export_parts(tree: SplitTree, example: Tensor, out_dir: Path) -> Path:
-    """Export the trunk and each top-level branch separately (torch.export), with a manifest of the class order."""
+def export_parts(tree: SplitTree, example: Tensor, out_dir: Path, onnx: bool = False) -> Path:
+    """Export the trunk and each top-level branch separately with a free batch size: ``trunk.pt2`` and
+    ``branch<i>.pt2`` (torch.export), with ``onnx`` also ``trunk.onnx`` and ``branch<i>.onnx``, and a manifest
+    holding the class order."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tree = copy.deepcopy(tree).eval()
+    if example.shape[0] < 2:  # torch.export specialises a batch of one; two keep the batch dimension free
+        example = example.expand(2, *example.shape[1:]).contiguous()
+    parts = {"trunk": tree.trunk, **{f"branch{i}": _Unit(branch).eval() for i, branch in enumerate(tree.branches)}}
+    batch = {0: torch.export.Dim("batch", min=1)}
     with torch.no_grad():
         features = tree.trunk(example)
-        torch.export.save(torch.export.export(tree.trunk, (example,)), out_dir / "trunk.pt2")
-        for index, branch in enumerate(tree.branches):
-            torch.export.save(torch.export.export(_Unit(branch).eval(), (features,)), out_dir / f"branch{index}.pt2")
+        for name, part in parts.items():
+            inputs = (example if name == "trunk" else features,)
+            torch.export.save(torch.export.export(part, inputs, dynamic_shapes=(batch,)), out_dir / f"{name}.pt2")
+            if onnx:
+                torch.onnx.export(part, inputs, out_dir / f"{name}.onnx", dynamo=True, dynamic_shapes=(batch,),
+                                  input_names=["input"], output_names=["output"], external_data=False,
+                                  verbose=False)
     manifest = {"branches": len(tree.branches), "class_index": tree.class_index.tolist()}
     (out_dir / "manifest.json").write_text(json.dumps(manifest))
     return out_dir
 
 
+def _manifest(directory: Path) -> dict:
+    path = directory / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {directory} is not a directory written by export_parts")
+    return json.loads(path.read_text())
+
+
 class ExportedTree(nn.Module):
-    """A tree reassembled from ``export_parts``' files: what a server would load, one part per device or process."""
+    """A tree reassembled from ``export_parts``' torch.export files: what a server would load, one part per
+    device or process."""
 
     def __init__(self, directory: Path) -> None:
         super().__init__()
-        manifest = json.loads((directory / "manifest.json").read_text())
+        manifest = _manifest(directory)
         self.trunk = torch.export.load(directory / "trunk.pt2").module()
         self.branches = nn.ModuleList(
             torch.export.load(directory / f"branch{i}.pt2").module() for i in range(manifest["branches"])
@@ -243,3 +262,25 @@ class ExportedTree(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         features = self.trunk(x)
         return torch.cat([branch(features) for branch in self.branches], 1).index_select(1, self.class_index)
+
+
+class OnnxTree:
+    """The same tree from ``export_parts``' ONNX files, run by onnxruntime: one session per part, each with its
+    own execution providers (e.g. a branch per GPU with ``CUDAExecutionProvider`` and its ``device_id``)."""
+
+    def __init__(self, directory: Path, providers: Sequence | None = None) -> None:
+        import onnxruntime
+
+        manifest = _manifest(directory)
+        names = ["trunk", *(f"branch{i}" for i in range(manifest["branches"]))]
+        self.sessions = {
+            name: onnxruntime.InferenceSession(directory / f"{name}.onnx", providers=providers) for name in names
+        }
+        self.class_index = manifest["class_index"]
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        """Logits (N x classes, class order) for float32 images (N x C x H x W)."""
+        features = self.sessions["trunk"].run(None, {"input": images})[0]
+        logits = [session.run(None, {"input": features})[0] for name, session in self.sessions.items()
+                  if name != "trunk"]
+        return np.concatenate(logits, 1)[:, self.class_index]

@@ -70,6 +70,7 @@ def build_summary(
         "val_acc": {phase: r["val_acc"] for phase, r in results.items()},
         "test_acc": {phase: r["test_acc"] for phase, r in results.items()},
         "epochs": epochs,
+        "skipped_images": getattr(datamodule, "skipped_images", 0),
         "config": config,
     }
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from splitnet.backbones import wide_resnet
-from splitnet.parallel import (BranchParallel, ExportedTree, PartTimes, balanced_placement, export_parts,
+from splitnet.parallel import (BranchParallel, ExportedTree, OnnxTree, PartTimes, balanced_placement, export_parts,
                                parallel_units, predict_speedup)
 from splitnet.plan import parse_groups
 from splitnet.surgery import build_tree, hard_assign
@@ -50,12 +50,22 @@ def test_speed_model():
     assert predict_speedup(times, [0, 1, 2, 3], 4, bandwidth=100.0) == pytest.approx(9 / 4)  # 1 s per transfer
 
 
-@pytest.mark.parametrize("split", ["2-2-2", "1-2-4"])
-def test_exported_parts_reload_equal(split, tmp_path: Path):
+@pytest.mark.parametrize("split, onnx", [("2-2-2", True), ("1-2-4", False)])
+def test_exported_parts_reload_equal(split, onnx, tmp_path: Path):
     tree = make_tree(split, "argmax" if split == "2-2-2" else "balanced")
-    images = torch.randn(3, 3, 32, 32)
-    reloaded = ExportedTree(export_parts(tree, images, tmp_path))
-    expected = {"trunk.pt2", "manifest.json", *(f"branch{i}.pt2" for i in range(len(tree.branches)))}
-    assert {p.name for p in tmp_path.iterdir()} == expected
+    export_parts(tree, torch.randn(1, 3, 32, 32), tmp_path, onnx=onnx)  # exported from one image ...
+    parts = ["trunk", *(f"branch{i}" for i in range(len(tree.branches)))]
+    suffixes = [".pt2", ".onnx"] if onnx else [".pt2"]
+    assert {p.name for p in tmp_path.iterdir()} == {"manifest.json", *(n + s for n in parts for s in suffixes)}
+    images = torch.randn(5, 3, 32, 32)  # ... run on a batch of another size
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(images), tree(images), rtol=1e-5, atol=1e-6)
+        expected = tree(images)
+        torch.testing.assert_close(ExportedTree(tmp_path)(images), expected, rtol=1e-5, atol=1e-6)
+    if onnx:
+        logits = OnnxTree(tmp_path, providers=["CPUExecutionProvider"])(images.numpy())
+        torch.testing.assert_close(torch.from_numpy(logits), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_loading_a_directory_without_a_manifest_names_it(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match="not a directory written by export_parts"):
+        ExportedTree(tmp_path)

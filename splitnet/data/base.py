@@ -96,8 +96,12 @@ class SplitDataModule(pl.LightningDataModule):
         return self._loader("test", self.eval_batch_size)
 
     def fetch(self, batch, device: torch.device, train: bool, step: int = 0) -> tuple[Tensor, Tensor]:
-        """A loader's batch -> model-ready images and labels on ``device`` (augmented when ``train``)."""
-        raise NotImplementedError
+        """A loader's batch -> model-ready images and labels on ``device`` (augmented when ``train``).
+
+        This default is for loaders whose workers already augment and normalise: it only moves the batch.
+        """
+        images, labels = batch
+        return images.to(device), labels.to(device)
 
 
 class ImageTensorDataModule(SplitDataModule):

@@ -1,5 +1,5 @@
 """Image folders (ILSVRC 2012, ImageNet-22K, or any ``root/<split>/<class>/<image>`` tree), with the standard
-224x224 augmentation done per image in worker processes."""
+224x224 augmentation done per image in worker processes (batches arrive ready; the base ``fetch`` moves them)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import logging
 import multiprocessing
 from pathlib import Path
 
-import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Subset
@@ -20,6 +19,17 @@ log = logging.getLogger(__name__)
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 BAD_IMAGE_POLICIES = ("skip", "error")
+
+
+def imagenet_transforms(size: int) -> tuple[transforms.Compose, transforms.Compose]:
+    """The standard ImageNet augmentation (random resized crop, flip) and evaluation transform (resize, centre
+    crop), both ending in normalised tensors."""
+    normalize = transforms.Normalize(MEAN, STD)
+    train = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
+                                transforms.ToTensor(), normalize])
+    evaluation = transforms.Compose([transforms.Resize(round(size * 256 / 224)), transforms.CenterCrop(size),
+                                     transforms.ToTensor(), normalize])
+    return train, evaluation
 
 
 class TolerantImageFolder(ImageFolder):
@@ -83,11 +93,7 @@ class ImageFolderDataModule(SplitDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self._datasets:
             return
-        normalize = transforms.Normalize(MEAN, STD)
-        train_tf = transforms.Compose([transforms.RandomResizedCrop(self.image_size), transforms.RandomHorizontalFlip(),
-                                       transforms.ToTensor(), normalize])
-        eval_tf = transforms.Compose([transforms.Resize(round(self.image_size * 256 / 224)),
-                                      transforms.CenterCrop(self.image_size), transforms.ToTensor(), normalize])
+        train_tf, eval_tf = imagenet_transforms(self.image_size)
         train, held_out = self._folder("train", train_tf), self._folder("train", eval_tf)
         test = self._folder(self.test_split, eval_tf)
         if test.classes != train.classes:
@@ -95,11 +101,6 @@ class ImageFolderDataModule(SplitDataModule):
         train_indices, val_indices = self.held_out(len(train))
         self.class_names = list(train.classes)
         self._datasets = {"train": Subset(train, train_indices), "val": Subset(held_out, val_indices), "test": test}
-
-    def fetch(self, batch: tuple[Tensor, Tensor], device: torch.device, train: bool, step: int = 0) -> tuple[Tensor, Tensor]:
-        """Images arrive augmented and normalised by the workers; only moved to ``device`` here."""
-        images, labels = batch
-        return images.to(device), labels.to(device)
 
     @property
     def skipped_images(self) -> int:
