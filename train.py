@@ -14,11 +14,13 @@ from pathlib import Path
 import hydra
 import pytorch_lightning as pl
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
 
 from splitnet.data import DataError
+from splitnet.errors import ConfigError
 from splitnet.module import SplitNetModule
 from splitnet.plan import SplitConfigError
 from splitnet.report import build_summary, format_table, network_stats, summary_scalars, write_summary
@@ -105,7 +107,11 @@ def main(cfg: DictConfig) -> None:
         where = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written before it"
         log.error("%s; %s", error, where)
         sys.exit(f"error: {error}; {where}")
-    except (SplitConfigError, DataError, RunDirError, FileNotFoundError) as error:
+    except (ConfigError, DataError, RunDirError, FileNotFoundError, InstantiationException) as error:
+        if isinstance(error, InstantiationException):  # a bad value met in a config object's constructor
+            if not isinstance(error.__cause__, (ConfigError, DataError, FileNotFoundError)):
+                raise
+            error = error.__cause__
         log.error("%s", error)
         sys.exit(f"error: {error}")
 

@@ -13,7 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from splitnet.grouping import GroupAssignments
 from splitnet.plan import SplitConfigError, parse_groups
-from splitnet.schedule import build_optimizer
+from splitnet.schedule import build_optimizer, check_schedule
 from splitnet.surgery import ASSIGN_METHODS, TreeSpec, build_tree, hard_assign
 
 GROUP, FINETUNE = "group", "finetune"
@@ -48,6 +48,7 @@ class SplitNetModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        check_schedule(schedule, (GROUP, FINETUNE))
         self.net: nn.Module = instantiate(backbone, num_classes=num_classes)
         self.plan = self.net.split_plan
         self.groups = parse_groups(split["groups"], self.plan)

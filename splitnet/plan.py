@@ -20,10 +20,12 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from splitnet.errors import ConfigError
+
 IN, OUT = "in", "out"
 
 
-class SplitConfigError(ValueError):
+class SplitConfigError(ConfigError):
     """A split configuration that cannot be built; the message names the bad value and the rule."""
 
 

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler, MultiStepLR, OneCycleLR
 
+from splitnet.errors import ConfigError
+
 LR_SCHEDULES = ("step", "onecycle", "cosine")
 
 
@@ -18,11 +20,13 @@ def build_optimizer(
     """SGD over the network's weights (with weight decay) and the assignments (without), and its LR schedule.
 
     ``settings``: epochs, lr, momentum, nesterov, weight_decay, lr_schedule (step | onecycle | cosine),
-    and for ``step`` the epochs in ``milestones`` where the rate is multiplied by ``lr_decay``.
+    for ``step`` the epochs in ``milestones`` where the rate is multiplied by ``lr_decay``, and
+    ``assignment_lr_scale``: the assignments' rate as a multiple of ``lr`` (default 1, as in the paper).
     """
-    groups = [{"params": list(weights), "weight_decay": settings["weight_decay"]}]
+    scale = settings.get("assignment_lr_scale", 1.0)
+    groups = [{"params": list(weights), "weight_decay": settings["weight_decay"], "lr": settings["lr"]}]
     if assignments:
-        groups.append({"params": assignments, "weight_decay": 0.0})
+        groups.append({"params": assignments, "weight_decay": 0.0, "lr": settings["lr"] * scale})
     optimizer = torch.optim.SGD(
         groups, lr=settings["lr"], momentum=settings["momentum"], nesterov=settings.get("nesterov", False)
     )
@@ -33,7 +37,23 @@ def build_optimizer(
         return optimizer, MultiStepLR(optimizer, milestones, gamma=settings.get("lr_decay", 0.1))
     if kind == "onecycle":
         # OneCycleLR needs a few steps per segment; a phase of fewer steps ends early in its cycle
-        return optimizer, OneCycleLR(optimizer, max_lr=settings["lr"], total_steps=max(total + 1, 8), pct_start=0.25)
+        return optimizer, OneCycleLR(optimizer, max_lr=[g["lr"] for g in groups], total_steps=max(total + 1, 8),
+                                     pct_start=0.25)
     if kind == "cosine":
         return optimizer, CosineAnnealingLR(optimizer, T_max=total)
-    raise ValueError(f"schedule lr_schedule='{kind}' is not one of {', '.join(LR_SCHEDULES)}")
+    raise ConfigError(f"lr_schedule='{kind}' is not one of {', '.join(LR_SCHEDULES)}")
+
+
+def check_schedule(schedule: Mapping[str, Any], phases: Iterable[str]) -> None:
+    """Fail early, naming the key, on a phase's settings that ``build_optimizer`` could not use."""
+    for phase in phases:
+        settings = schedule[phase]
+        kind = settings.get("lr_schedule", "step")
+        if kind not in LR_SCHEDULES:
+            raise ConfigError(f"schedule.{phase}.lr_schedule='{kind}' is not one of {', '.join(LR_SCHEDULES)}")
+        for key in ("epochs", "lr"):
+            if not settings[key] >= 0:
+                raise ConfigError(f"schedule.{phase}.{key}={settings[key]}: must not be negative")
+        scale = settings.get("assignment_lr_scale", 1.0)
+        if not scale > 0:
+            raise ConfigError(f"schedule.{phase}.assignment_lr_scale={scale}: must be a positive number")

@@ -131,6 +131,10 @@ def test_cifar100_superclasses_are_read(cifar100_root: Path):
         (("pretrained=resnet18.pth",), "pretrained=resnet18.pth: backbone WideResNet takes no torchvision weights"),
         (("backbone=resnet1000",), "Could not find 'backbone/resnet1000'"),
         (("data=mnist",), "Could not find 'data/mnist'"),
+        (("schedule.group.lr_schedule=bogus",), "schedule.group.lr_schedule='bogus' is not one of step, onecycle"),
+        (("schedule.group.assignment_lr_scale=0",), "schedule.group.assignment_lr_scale=0: must be a positive"),
+        (("data.val_size=-3",), "data.val_size=-3: must be between 0 and the 2000 training images"),
+        (("backbone.depth=15",), "backbone.depth=15: a Wide ResNet has depth 6n+4"),
     ],
 )
 def test_bad_config_fails_with_its_message(tmp_path: Path, overrides: tuple[str, ...], message: str):

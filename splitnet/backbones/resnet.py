@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from splitnet.errors import ConfigError
 from splitnet.plan import IN, OUT, SplitLevel, SplitPlan
 
 
@@ -102,7 +103,7 @@ class ResNet(nn.Module):
     ) -> None:
         super().__init__()
         if not 0 <= split_stages <= 4:
-            raise ValueError(f"backbone.split_stages={split_stages}: a ResNet has 4 residual stages (0 to 4 split)")
+            raise ConfigError(f"backbone.split_stages={split_stages}: a ResNet has 4 residual stages (0 to 4 split)")
         self.name = name
         self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
@@ -143,7 +144,7 @@ class ResNet(nn.Module):
             renamed = {k: v for k, v in renamed.items() if not k.startswith("head.fc.")}
         missing, unexpected = self.load_state_dict(renamed, strict=False)
         if unexpected or set(missing) - {"head.fc.weight", "head.fc.bias"}:
-            raise ValueError(f"not a torchvision {self.name} state dict: missing {missing}, unexpected {unexpected}")
+            raise ConfigError(f"not a torchvision {self.name} state dict: missing {missing}, unexpected {unexpected}")
 
 
 def resnet18(num_classes: int = 1000, split_stages: int = 2, dropout: float = 0.0) -> ResNet:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from splitnet.errors import ConfigError
 from splitnet.plan import IN, OUT, SplitLevel, SplitPlan
 
 
@@ -79,9 +80,9 @@ class WideResNet(nn.Module):
     def __init__(self, depth: int = 16, width: int = 8, num_classes: int = 100, dropout: float = 0.0) -> None:
         super().__init__()
         if depth < 10 or (depth - 4) % 6:
-            raise ValueError(f"backbone.depth={depth}: a Wide ResNet has depth 6n+4 with n >= 1 (10, 16, 22, 28, ...)")
+            raise ConfigError(f"backbone.depth={depth}: a Wide ResNet has depth 6n+4 with n >= 1 (10, 16, 22, 28, ...)")
         if width < 1:
-            raise ValueError(f"backbone.width={width}: the widening factor must be a positive integer")
+            raise ConfigError(f"backbone.width={width}: the widening factor must be a positive integer")
         blocks = (depth - 4) // 6
         widths = (16, 16 * width, 32 * width, 64 * width)
         self.name = f"wrn{depth}_{width}"

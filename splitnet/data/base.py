@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from splitnet.errors import ConfigError
+
 
 class DataError(RuntimeError):
     """A data set that is missing, unreadable or malformed; the message says where it was looked for."""
@@ -57,7 +59,7 @@ class SplitDataModule(pl.LightningDataModule):
         super().__init__()
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if value < 1:
-                raise ValueError(f"data.{name}={value}: must be a positive integer")
+                raise ConfigError(f"data.{name}={value}: must be a positive integer")
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_size, self.num_workers, self.seed = val_size, num_workers, seed
         self.class_names: list[str] = []
@@ -71,7 +73,7 @@ class SplitDataModule(pl.LightningDataModule):
     def held_out(self, count: int) -> tuple[list[int], list[int]]:
         """A seeded split of ``count`` training images: (train indices, validation indices)."""
         if not 0 <= self.val_size < count:
-            raise ValueError(f"data.val_size={self.val_size}: must be between 0 and the {count} training images")
+            raise ConfigError(f"data.val_size={self.val_size}: must be between 0 and the {count} training images")
         order = torch.randperm(count, generator=torch.Generator().manual_seed(self.seed)).tolist()
         return order[self.val_size :], order[: self.val_size]
 

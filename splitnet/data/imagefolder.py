@@ -14,6 +14,7 @@ from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
 from splitnet.data.base import DataError, SplitDataModule
+from splitnet.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class ImageFolderDataModule(SplitDataModule):
     ) -> None:
         super().__init__(batch_size, eval_batch_size, val_size, num_workers, seed)
         if on_bad_image not in BAD_IMAGE_POLICIES:
-            raise ValueError(f"data.on_bad_image='{on_bad_image}' is not one of {', '.join(BAD_IMAGE_POLICIES)}")
+            raise ConfigError(f"data.on_bad_image='{on_bad_image}' is not one of {', '.join(BAD_IMAGE_POLICIES)}")
         self.root, self.test_split = Path(root).expanduser(), test_split
         self.image_size, self.on_bad_image = image_size, on_bad_image
         self.skipped = multiprocessing.Value("i", 0)

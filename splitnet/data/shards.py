@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from splitnet.data.base import DataError, SplitDataModule
 from splitnet.data.imagefolder import BAD_IMAGE_POLICIES, imagenet_transforms
+from splitnet.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class ShardDataModule(SplitDataModule):
     ) -> None:
         super().__init__(batch_size, eval_batch_size, 0, num_workers, seed)
         if on_bad_image not in BAD_IMAGE_POLICIES:
-            raise ValueError(f"data.on_bad_image='{on_bad_image}' is not one of {', '.join(BAD_IMAGE_POLICIES)}")
+            raise ConfigError(f"data.on_bad_image='{on_bad_image}' is not one of {', '.join(BAD_IMAGE_POLICIES)}")
         self.root, self.test_split = Path(root).expanduser(), test_split
         self.val_shards, self.shuffle_buffer = val_shards, shuffle_buffer
         self.image_size, self.on_bad_image = image_size, on_bad_image
@@ -85,7 +86,7 @@ class ShardDataModule(SplitDataModule):
             if missing:
                 raise DataError(f"{self.root / 'counts.json'} has no count for {', '.join(missing[:3])}")
         if not 0 < self.val_shards < len(train):
-            raise ValueError(f"data.val_shards={self.val_shards}: must be between 1 and {len(train) - 1} "
+            raise ConfigError(f"data.val_shards={self.val_shards}: must be between 1 and {len(train) - 1} "
                              f"(one less than the {len(train)} training shards)")
         self._shards = {"val": train[: self.val_shards], "train": train[self.val_shards :], "test": test}
 

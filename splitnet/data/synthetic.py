@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from splitnet.data.base import ImageTensorDataModule
+from splitnet.errors import ConfigError
 
 
 class SyntheticDataModule(ImageTensorDataModule):
@@ -23,7 +24,7 @@ class SyntheticDataModule(ImageTensorDataModule):
     ) -> None:
         super().__init__(**kwargs)
         if num_classes < 2:
-            raise ValueError(f"data.num_classes={num_classes}: a classifier needs at least 2 classes")
+            raise ConfigError(f"data.num_classes={num_classes}: a classifier needs at least 2 classes")
         self._num_classes, self.train_size, self.test_size = num_classes, train_size, test_size
         self.image_size, self.noise = image_size, noise
 
