@@ -17,8 +17,10 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import Timer
 from pytorch_lightning.loggers import WandbLogger
 
+from splitnet.bench import inference_speed
 from splitnet.data import DataError
 from splitnet.errors import ConfigError
 from splitnet.module import SplitNetModule
@@ -85,9 +87,14 @@ def train(cfg: DictConfig) -> dict:
         "val_acc": trainer.validate(model, datamodule=datamodule, verbose=False)[0][f"{model.phase}/val_acc"],
         "test_acc": trainer.test(model, datamodule=datamodule, verbose=False)[0][f"{model.phase}/test_acc"],
     }
+    timer = next(c for c in trainer.callbacks if isinstance(c, Timer))
+    speed = {"fit_time_s": round(timer.time_elapsed("train"), 1)}
+    if cfg.inference_batch and trainer.is_global_zero:  # on the training device (Lightning moved the model off it)
+        speed["inference"] = inference_speed(model.net, datamodule.image_shape, cfg.inference_batch,
+                                             trainer.strategy.root_device, bf16="bf16" in str(trainer.precision))
     summary = build_summary(
         model, datamodule, {**model.phase_results, model.phase: finetune}, dense, trainer.current_epoch,
-        OmegaConf.to_container(cfg, resolve=True),
+        OmegaConf.to_container(cfg, resolve=True), speed,
     )
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):

@@ -92,6 +92,18 @@ def prepared(model: nn.Module, setting: str, device: torch.device) -> Callable[[
     return model
 
 
+def inference_speed(model: nn.Module, image_shape: tuple[int, ...], batch: int, device: torch.device, bf16: bool,
+                    repeats: int = 20) -> dict[str, object]:
+    """Images per second of ``model`` (eval mode, channels-last, eager; bf16 autocast if ``bf16``) at ``batch``."""
+    images = torch.randn(batch, *image_shape, device=device).contiguous(memory_format=torch.channels_last)
+    run = prepared(model, "channels_last", device)
+    with torch.inference_mode(), _autocast(device, bf16):
+        speed = throughputs({"model": lambda: run(images)}, batch, device, repeats)["model"]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {"batch": batch, "img_per_s": round(speed, 1), "setting": "eager channels_last" + (" bf16" if bf16 else ""),
+            "device": name}
+
+
 def inference_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
     config, shape, classes = BACKBONES[args.backbone]
     dense = instantiate(config, num_classes=classes).eval()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -47,10 +48,10 @@ def network_stats(model: nn.Module, image_shape: tuple[int, ...]) -> dict[str, A
 
 def build_summary(
     module: nn.Module, datamodule: Any, results: dict[str, dict[str, float]], dense: dict[str, Any], epochs: int,
-    config: dict[str, Any],
+    config: dict[str, Any], speed: dict[str, Any],
 ) -> dict[str, Any]:
     """summary.json of a finished run: sizes and costs of the tree and the dense network, the groups, the
-    accuracy after each phase, and the resolved config."""
+    accuracy after each phase, ``speed`` (fit time, inference img/s) and the resolved config."""
     spec = module.tree_spec
     class_groups = module.net.class_groups() if spec is not None else [list(range(datamodule.num_classes))]
     superclass_of = getattr(datamodule, "superclass_of", None)
@@ -71,6 +72,7 @@ def build_summary(
         "test_acc": {phase: r["test_acc"] for phase, r in results.items()},
         "epochs": epochs,
         "skipped_images": getattr(datamodule, "skipped_images", 0),
+        **speed,
         "config": config,
     }
 
@@ -172,28 +174,69 @@ def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def sweep_rows(root: Path) -> list[dict[str, Any]]:
-    """One row per run under ``root``: the config values that differ between runs, then size, cost and accuracy."""
+    """One row per run under ``root``: the config values that differ between runs, then size and cost (and their
+    cut against the dense network), accuracy, superclass purity, inference speed and fit time."""
     paths = sorted(root.rglob("summary.json"))
     summaries = [json.loads(p.read_text()) for p in paths]
     configs = [_flatten(s.get("config", {})) for s in summaries]
     keys = sorted({k for c in configs for k in c})
+
+    def own_path(key: str) -> bool:  # a value naming each run's own directory (a logger's save_dir, ...)
+        return all(isinstance(c.get(key), str) and p.parent.name in c[key] for p, c in zip(paths, configs))
+
     varying = [
         k for k in keys
         if not k.startswith(("paths.", "callbacks.")) and len({json.dumps(c.get(k)) for c in configs}) > 1
+        and not own_path(k)
     ]
     rows = []
     for path, summary, config in zip(paths, summaries, configs):
         row: dict[str, Any] = {"run": str(path.parent.relative_to(root)) or "."}
         row |= {k: config.get(k) for k in varying}
+        test_acc = summary["test_acc"].get("finetune")
+        semantics = summary.get("semantics") or {}
         row |= {
             "split": summary["split"],
             "params_M": round(summary["params"] / 1e6, 4),
+            "params_cut_%": round(100 * (1 - summary["params"] / summary["dense_params"]), 1),
             "GFLOPs": round(summary["flops"] / 1e9, 4),
+            "flops_cut_%": round(100 * (1 - summary["flops"] / summary["dense_flops"]), 1),
             "val_acc": summary["val_acc"].get("finetune"),
-            "test_acc": summary["test_acc"].get("finetune"),
+            "test_acc": test_acc,
+            "test_err_%": None if test_acc is None else round(100 * (1 - test_acc), 2),
+            "purity": semantics.get("superclass_purity"),
+            "nmi": semantics.get("nmi"),
+            "img_per_s": (summary.get("inference") or {}).get("img_per_s"),
+            "fit_min": None if summary.get("fit_time_s") is None else round(summary["fit_time_s"] / 60, 1),
         }
         rows.append(row)
     return rows
+
+
+MEASURED = ("run", "val_acc", "test_acc", "test_err_%", "purity", "nmi", "img_per_s", "fit_min")
+
+
+def mean_over(rows: list[dict[str, Any]], key: str = "seed") -> list[dict[str, Any]]:
+    """Rows that differ only in ``key`` merged into one: the mean of each measured value and, for the test error,
+    its spread (half the range) and the number of runs."""
+    def kept(column: str) -> bool:  # not the key, nor values that follow it (data.seed: ${seed}), nor measured
+        return column != key and not column.endswith(f".{key}") and column not in MEASURED
+
+    merged: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        label = json.dumps({k: v for k, v in row.items() if kept(k)}, sort_keys=True)
+        merged.setdefault(label, []).append(row)
+    out = []
+    for group in merged.values():
+        row = {k: v for k, v in group[0].items() if kept(k)}
+        row["runs"] = len(group)
+        for column in MEASURED[1:]:
+            values = [r[column] for r in group if r.get(column) is not None]
+            row[column] = round(statistics.fmean(values), 4) if values else None
+        errors = [r["test_err_%"] for r in group if r.get("test_err_%") is not None]
+        row["test_err_spread"] = round((max(errors) - min(errors)) / 2, 2) if errors else None
+        out.append(row)
+    return out
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -240,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no summary.json under {root}: is it a run or sweep directory of train.py?")
     print(format_rows(rows))
     print(f"wrote {write_csv(rows, root / 'report.csv')}")
+    if "seed" in rows[0]:
+        means = mean_over(rows)
+        print("\nmean over seeds (test_err_spread: half the range)\n" + format_rows(means))
+        print(f"wrote {write_csv(means, root / 'report_mean.csv')}")
     return 0
 
 

@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from splitnet.report import mean_over
 from tests.conftest import ROOT, run_train
 
 TINY = ("experiment=smoke", "data=synthetic", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
@@ -34,6 +37,18 @@ def test_sweep_runs_every_combination_and_the_report_collects_them(tmp_path: Pat
     by_split = {row["split.groups"]: float(row["params_M"]) for row in rows}
     assert by_split["4-4-4"] < by_split["2-2-2"]
     assert "split.groups" in report.stdout.splitlines()[0]
+    assert {"params_cut_%", "flops_cut_%", "test_err_%", "fit_min"} <= set(rows[0])
+    means = list(csv.DictReader((sweep / "report_mean.csv").open()))  # one row per split, over both seeds
+    assert sorted((row["split.groups"], row["runs"]) for row in means) == [("2-2-2", "2"), ("4-4-4", "2")]
+
+
+def test_mean_over_seeds_merges_only_runs_that_differ_in_the_seed():
+    rows = [{"run": f"r{i}", "seed": seed, "split": split, "test_acc": acc, "test_err_%": round(100 * (1 - acc), 2)}
+            for i, (seed, split, acc) in enumerate([(0, "2-2-2", 0.70), (1, "2-2-2", 0.74), (0, "4-4-4", 0.60)])]
+    means = {row["split"]: row for row in mean_over(rows)}
+    assert means["2-2-2"]["runs"] == 2 and means["2-2-2"]["test_acc"] == pytest.approx(0.72)
+    assert means["2-2-2"]["test_err_%"] == pytest.approx(28.0) and means["2-2-2"]["test_err_spread"] == 2.0
+    assert means["4-4-4"]["runs"] == 1 and means["4-4-4"]["test_err_spread"] == 0.0
 
 
 def test_wandb_logs_offline_with_phases_summary_and_pictures(tmp_path: Path):

@@ -96,6 +96,9 @@ def test_run_killed_mid_finetune_resumes_with_the_same_command(smoke_run: Path, 
     expected, actual = final_state(smoke_run), final_state(run_dir)
     assert all(torch.equal(expected[k], actual[k]) for k in expected) and expected.keys() == actual.keys()
     assert read_summary(run_dir)["class_groups"] == read_summary(smoke_run)["class_groups"]
+    timer_states = torch.load(first_finetune_epoch, weights_only=False)["callbacks"]
+    before_crash = next(v for k, v in timer_states.items() if k.startswith("Timer"))["time_elapsed"]["train"]
+    assert read_summary(run_dir)["fit_time_s"] > before_crash  # the fit time goes on from the checkpoint's
 
 
 def test_smoke_on_real_cifar100(cifar100_root: Path, tmp_path: Path):
@@ -104,6 +107,7 @@ def test_smoke_on_real_cifar100(cifar100_root: Path, tmp_path: Path):
     assert summary["params"] < summary["dense_params"] and summary["flops"] < summary["dense_flops"]
     assert len(summary["class_names"]) == 100 and summary["class_names"][0] == "apple"
     assert summary["test_acc"]["finetune"] > 0.02  # chance is 0.01
+    assert summary["fit_time_s"] > 0 and "inference" not in summary  # measured on a GPU only, by default
     assert 0.0 <= summary["semantics"]["superclass_purity"] <= 1.0 and 0.0 <= summary["semantics"]["nmi"] <= 1.0
 
 
