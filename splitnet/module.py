@@ -141,6 +141,14 @@ class SplitNetModule(pl.LightningModule):
         self.test_acc(self._run(images), labels)
         self.log(f"{self.phase}/test_acc", self.test_acc)
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Hold the assignments still for the group phase's first ``assignment_delay_epochs`` epochs, so that
+        they start to move once the features have formed (SGD skips a parameter without a gradient)."""
+        delay = self.hparams.schedule[GROUP].get("assignment_delay_epochs", 0)
+        if self.grouping is not None and self.current_epoch < delay:
+            for alpha in self.grouping.parameters():
+                alpha.grad = None
+
     def configure_optimizers(self) -> dict[str, Any]:
         settings = self.hparams.schedule[self.phase]
         steps_per_epoch = max(1, self.trainer.estimated_stepping_batches // max(1, self.trainer.max_epochs))

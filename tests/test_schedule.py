@@ -1,10 +1,12 @@
-"""The per-phase optimiser: the assignments' own learning rate under every LR schedule."""
+"""The per-phase optimiser: the assignments' own learning rate under every LR schedule, and their delay."""
 
 import pytest
 import torch
 from torch import nn
 
-from splitnet.schedule import build_optimizer
+from splitnet.errors import ConfigError
+from splitnet.module import SplitNetModule
+from splitnet.schedule import build_optimizer, check_schedule
 
 SETTINGS = {"epochs": 2, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "milestones": [1], "lr_decay": 0.1}
 
@@ -26,3 +28,22 @@ def test_without_a_scale_the_assignments_follow_the_network():
     optimizer, _ = build_optimizer(nn.Linear(3, 3).parameters(), [nn.Parameter(torch.zeros(2, 5))],
                                    SETTINGS | {"lr_schedule": "onecycle"}, steps_per_epoch=10)
     assert optimizer.param_groups[0]["lr"] == optimizer.param_groups[1]["lr"]
+
+
+@pytest.mark.parametrize("delay, held", [(1, True), (0, False)])
+def test_assignments_are_held_during_the_delay(delay: int, held: bool):
+    schedule = {phase: SETTINGS | {"lr_schedule": "cosine", "assignment_delay_epochs": delay}
+                for phase in ("group", "finetune")}
+    module = SplitNetModule({"_target_": "splitnet.backbones.wide_resnet", "depth": 10, "width": 1}, 10,
+                            {"groups": "2-2-2", "assign": "balanced", "gamma1": 1, "gamma2": 1, "gamma3": 10}, schedule)
+    for alpha in module.grouping.parameters():
+        alpha.grad = torch.ones_like(alpha)
+    module.on_before_optimizer_step(torch.optim.SGD(module.parameters(), lr=0.1))  # epoch 0, no trainer
+    assert all((alpha.grad is None) == held for alpha in module.grouping.parameters())
+    assert all(p.grad is None for p in module.net.parameters())  # the network's own gradients are left alone
+
+
+def test_a_delay_as_long_as_the_phase_is_refused():
+    schedule = {phase: SETTINGS | {"lr_schedule": "cosine", "assignment_delay_epochs": 2} for phase in ("group", "finetune")}
+    with pytest.raises(ConfigError, match="schedule.group.assignment_delay_epochs=2: must be between 0 and the phase's 2"):
+        check_schedule(schedule, ("group",))
