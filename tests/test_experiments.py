@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import re
 import subprocess
 import sys
@@ -84,3 +85,10 @@ def test_tensorboard_logger_and_a_progress_bar_that_names_the_phase(tmp_path: Pa
     assert any("group/disjoint=" in line and "group/balance=" in line for line in group_bars)
     assert finetune_bars and not any("group/" in line for line in finetune_bars)
     assert re.search(r"split 2-2-2 at epoch 1: params 0\.175M -> 0\.0\d\dM; class groups \[5, 5\]", output)
+
+
+def test_the_dense_baseline_trains_both_phases_without_a_split(tmp_path: Path):
+    run_train(tmp_path, *TINY, "split=none")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["split"] == "1-1-1" and summary["params"] == summary["dense_params"]
+    assert summary["tree_spec"]["labels"] == {} and summary["epochs"] == 2 and set(summary["test_acc"]) == {"group", "split", "finetune"}
