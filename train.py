@@ -87,8 +87,8 @@ def train(cfg: DictConfig) -> dict:
         "val_acc": trainer.validate(model, datamodule=datamodule, verbose=False)[0][f"{model.phase}/val_acc"],
         "test_acc": trainer.test(model, datamodule=datamodule, verbose=False)[0][f"{model.phase}/test_acc"],
     }
-    timer = next(c for c in trainer.callbacks if isinstance(c, Timer))
-    speed = {"fit_time_s": round(timer.time_elapsed("train"), 1)}
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)  # callbacks.timer, unless removed
+    speed = {"fit_time_s": round(timer.time_elapsed("train"), 1)} if timer else {}
     if cfg.inference_batch and trainer.is_global_zero:  # on the training device (Lightning moved the model off it)
         speed["inference"] = inference_speed(model.net, datamodule.image_shape, cfg.inference_batch,
                                              trainer.strategy.root_device, bf16="bf16" in str(trainer.precision))
