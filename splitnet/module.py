@@ -142,10 +142,10 @@ class SplitNetModule(pl.LightningModule):
         self.log(f"{self.phase}/test_acc", self.test_acc)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Hold the assignments still for the group phase's first ``assignment_delay_epochs`` epochs, so that
-        they start to move once the features have formed (SGD skips a parameter without a gradient)."""
-        delay = self.hparams.schedule[GROUP].get("assignment_delay_epochs", 0)
-        if self.grouping is not None and self.current_epoch < delay:
+        """Hold the assignments still for the first ``assignment_delay`` (a share) of the group phase's epochs,
+        so that they start to move once the features have formed (SGD skips a parameter without a gradient)."""
+        settings = self.hparams.schedule[GROUP]
+        if self.grouping is not None and self.current_epoch < settings.get("assignment_delay", 0) * settings["epochs"]:
             for alpha in self.grouping.parameters():
                 alpha.grad = None
 

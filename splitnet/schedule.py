@@ -57,7 +57,7 @@ def check_schedule(schedule: Mapping[str, Any], phases: Iterable[str]) -> None:
         scale = settings.get("assignment_lr_scale", 1.0)
         if not scale > 0:
             raise ConfigError(f"schedule.{phase}.assignment_lr_scale={scale}: must be a positive number")
-        delay = settings.get("assignment_delay_epochs", 0)
-        if not 0 <= delay < max(1, settings["epochs"]):
-            raise ConfigError(f"schedule.{phase}.assignment_delay_epochs={delay}: must be between 0 and the phase's "
-                              f"{settings['epochs']} epochs")
+        delay = settings.get("assignment_delay", 0)
+        if not 0 <= delay < 1:
+            raise ConfigError(f"schedule.{phase}.assignment_delay={delay}: must be a share of the phase's epochs, "
+                              "at least 0 and below 1")

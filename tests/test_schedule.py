@@ -30,9 +30,9 @@ def test_without_a_scale_the_assignments_follow_the_network():
     assert optimizer.param_groups[0]["lr"] == optimizer.param_groups[1]["lr"]
 
 
-@pytest.mark.parametrize("delay, held", [(1, True), (0, False)])
+@pytest.mark.parametrize("delay, held", [(0.5, True), (0.0, False)])
 def test_assignments_are_held_during_the_delay(delay: int, held: bool):
-    schedule = {phase: SETTINGS | {"lr_schedule": "cosine", "assignment_delay_epochs": delay}
+    schedule = {phase: SETTINGS | {"lr_schedule": "cosine", "assignment_delay": delay}
                 for phase in ("group", "finetune")}
     module = SplitNetModule({"_target_": "splitnet.backbones.wide_resnet", "depth": 10, "width": 1}, 10,
                             {"groups": "2-2-2", "assign": "balanced", "gamma1": 1, "gamma2": 1, "gamma3": 10}, schedule)
@@ -44,6 +44,6 @@ def test_assignments_are_held_during_the_delay(delay: int, held: bool):
 
 
 def test_a_delay_as_long_as_the_phase_is_refused():
-    schedule = {phase: SETTINGS | {"lr_schedule": "cosine", "assignment_delay_epochs": 2} for phase in ("group", "finetune")}
-    with pytest.raises(ConfigError, match="schedule.group.assignment_delay_epochs=2: must be between 0 and the phase's 2"):
+    schedule = {phase: SETTINGS | {"lr_schedule": "cosine", "assignment_delay": 1.0} for phase in ("group", "finetune")}
+    with pytest.raises(ConfigError, match="schedule.group.assignment_delay=1.0: must be a share of the phase's epochs"):
         check_schedule(schedule, ("group",))
