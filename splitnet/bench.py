@@ -92,6 +92,13 @@ def prepared(model: nn.Module, setting: str, device: torch.device) -> Callable[[
     return model
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's with the threads torch uses."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
 def inference_speed(model: nn.Module, image_shape: tuple[int, ...], batch: int, device: torch.device, bf16: bool,
                     repeats: int = 20) -> dict[str, object]:
     """Images per second of ``model`` (eval mode, channels-last, eager; bf16 autocast if ``bf16``) at ``batch``."""
@@ -99,9 +106,8 @@ def inference_speed(model: nn.Module, image_shape: tuple[int, ...], batch: int, 
     run = prepared(model, "channels_last", device)
     with torch.inference_mode(), _autocast(device, bf16):
         speed = throughputs({"model": lambda: run(images)}, batch, device, repeats)["model"]
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     return {"batch": batch, "img_per_s": round(speed, 1), "setting": "eager channels_last" + (" bf16" if bf16 else ""),
-            "device": name}
+            "device": device_name(device)}
 
 
 def inference_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
@@ -263,9 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = ([] if args.skip_inference else inference_rows(args, device)) + ([] if args.skip_train else training_rows(args, device))
     print(format_rows(rows))
     if args.json:
-        machine = torch.cuda.get_device_name(device) if gpu else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"date": str(date.today()), "device": machine, "torch": torch.__version__,
+        args.json.write_text(json.dumps({"date": str(date.today()), "device": device_name(device), "torch": torch.__version__,
                                          "command": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=2, default=str))
     return 0
 

@@ -33,12 +33,34 @@ def imagenet_transforms(size: int) -> tuple[transforms.Compose, transforms.Compo
     return train, evaluation
 
 
-class TolerantImageFolder(ImageFolder):
-    """An ImageFolder that, on an unreadable image, raises a DataError naming it or skips it and counts it."""
+class BadImagePolicy:
+    """What an unreadable image does: stop with a DataError naming it (``error``), or get skipped and counted
+    (``skip``); the count is shared with the loader's worker processes."""
 
-    def __init__(self, root: str, transform, on_bad_image: str, skipped) -> None:
+    def __init__(self, policy: str) -> None:
+        if policy not in BAD_IMAGE_POLICIES:
+            raise ConfigError(f"data.on_bad_image='{policy}' is not one of {', '.join(BAD_IMAGE_POLICIES)}")
+        self.policy, self._skipped = policy, multiprocessing.Value("i", 0)
+
+    @property
+    def skipped(self) -> int:
+        return self._skipped.value
+
+    def __call__(self, what: str, error: Exception) -> None:
+        """Handle ``what`` (e.g. "image <path>") that could not be read: raise, or count it and return."""
+        if self.policy == "error":
+            raise DataError(f"unreadable {what} ({error}); set data.on_bad_image=skip to skip such files") from None
+        with self._skipped.get_lock():
+            self._skipped.value += 1
+        log.warning("skipping unreadable %s (%s)", what, error)
+
+
+class TolerantImageFolder(ImageFolder):
+    """An ImageFolder that hands an unreadable image to its ``BadImagePolicy`` and, if skipped, reads the next."""
+
+    def __init__(self, root: str, transform, on_bad_image: BadImagePolicy) -> None:
         super().__init__(root, transform=transform)
-        self.on_bad_image, self.skipped = on_bad_image, skipped
+        self.on_bad_image = on_bad_image
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         for offset in range(len(self.samples)):
@@ -47,17 +69,31 @@ class TolerantImageFolder(ImageFolder):
                 with Image.open(path) as image:
                     picture = image.convert("RGB")
             except (OSError, UnidentifiedImageError) as error:
-                if self.on_bad_image == "error":
-                    raise DataError(f"unreadable image {path} ({error}); set data.on_bad_image=skip to skip such files") from None
-                with self.skipped.get_lock():
-                    self.skipped.value += 1
-                log.warning("skipping unreadable image %s (%s)", path, error)
+                self.on_bad_image(f"image {path}", error)
                 continue
             return self.transform(picture), label
         raise DataError(f"no readable image under {self.root}")
 
 
-class ImageFolderDataModule(SplitDataModule):
+class WorkerImageDataModule(SplitDataModule):
+    """Base of the data modules whose loader workers decode and augment images (folders, tar shards): square
+    ``image_size`` inputs and a ``BadImagePolicy`` from ``on_bad_image``."""
+
+    def __init__(self, batch_size: int, eval_batch_size: int, val_size: int, num_workers: int, image_size: int,
+                 on_bad_image: str, seed: int) -> None:
+        super().__init__(batch_size, eval_batch_size, val_size, num_workers, seed)
+        self.image_size, self.on_bad_image = image_size, BadImagePolicy(on_bad_image)
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return (3, self.image_size, self.image_size)
+
+    @property
+    def skipped_images(self) -> int:
+        return self.on_bad_image.skipped
+
+
+class ImageFolderDataModule(WorkerImageDataModule):
     """``root/train`` (a held-out slice of it is the validation set) and ``root/<test_split>`` as the test set.
 
     The class count and names are read from the folders. ``on_bad_image``: ``skip`` (skipped and counted) or
@@ -69,16 +105,8 @@ class ImageFolderDataModule(SplitDataModule):
         val_size: int = 10000, num_workers: int = 8, image_size: int = 224, on_bad_image: str = "skip",
         seed: int = 0,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, val_size, num_workers, seed)
-        if on_bad_image not in BAD_IMAGE_POLICIES:
-            raise ConfigError(f"data.on_bad_image='{on_bad_image}' is not one of {', '.join(BAD_IMAGE_POLICIES)}")
+        super().__init__(batch_size, eval_batch_size, val_size, num_workers, image_size, on_bad_image, seed)
         self.root, self.test_split = Path(root).expanduser(), test_split
-        self.image_size, self.on_bad_image = image_size, on_bad_image
-        self.skipped = multiprocessing.Value("i", 0)
-
-    @property
-    def image_shape(self) -> tuple[int, ...]:
-        return (3, self.image_size, self.image_size)
 
     def _folder(self, split: str, transform) -> TolerantImageFolder:
         folder = self.root / split
@@ -87,7 +115,7 @@ class ImageFolderDataModule(SplitDataModule):
                 f"no folder {folder}: data.root must hold {split}/ with one sub-folder of images per class"
             )
         try:
-            return TolerantImageFolder(str(folder), transform, self.on_bad_image, self.skipped)
+            return TolerantImageFolder(str(folder), transform, self.on_bad_image)
         except FileNotFoundError as error:
             raise DataError(f"{folder}: {error}") from None
 
@@ -102,7 +130,3 @@ class ImageFolderDataModule(SplitDataModule):
         train_indices, val_indices = self.held_out(len(train))
         self.class_names = list(train.classes)
         self._datasets = {"train": Subset(train, train_indices), "val": Subset(held_out, val_indices), "test": test}
-
-    @property
-    def skipped_images(self) -> int:
-        return self.skipped.value

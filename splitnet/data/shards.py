@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import multiprocessing
 import random
 from pathlib import Path
 
@@ -24,16 +22,14 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
-from splitnet.data.base import DataError, SplitDataModule
-from splitnet.data.imagefolder import BAD_IMAGE_POLICIES, imagenet_transforms
+from splitnet.data.base import DataError
+from splitnet.data.imagefolder import WorkerImageDataModule, imagenet_transforms
 from splitnet.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 IMAGE_KEYS = "jpg;jpeg;png;webp"
 
 
-class ShardDataModule(SplitDataModule):
+class ShardDataModule(WorkerImageDataModule):
     """Train / held-out validation / test loaders over WebDataset tar shards; classes read from ``classes.txt``.
 
     ``on_bad_image``: ``skip`` (skipped and counted) or ``error`` (stop, naming the sample).
@@ -44,23 +40,11 @@ class ShardDataModule(SplitDataModule):
         val_shards: int = 1, shuffle_buffer: int = 5000, num_workers: int = 8, image_size: int = 224,
         on_bad_image: str = "skip", seed: int = 0,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, 0, num_workers, seed)
-        if on_bad_image not in BAD_IMAGE_POLICIES:
-            raise ConfigError(f"data.on_bad_image='{on_bad_image}' is not one of {', '.join(BAD_IMAGE_POLICIES)}")
+        super().__init__(batch_size, eval_batch_size, 0, num_workers, image_size, on_bad_image, seed)
         self.root, self.test_split = Path(root).expanduser(), test_split
         self.val_shards, self.shuffle_buffer = val_shards, shuffle_buffer
-        self.image_size, self.on_bad_image = image_size, on_bad_image
-        self.skipped = multiprocessing.Value("i", 0)
         self._shards: dict[str, list[str]] = {}
         self._counts: dict[str, int] = {}
-
-    @property
-    def image_shape(self) -> tuple[int, ...]:
-        return (3, self.image_size, self.image_size)
-
-    @property
-    def skipped_images(self) -> int:
-        return self.skipped.value
 
     def _read(self, name: str) -> str:
         path = self.root / name
@@ -96,12 +80,8 @@ class ShardDataModule(SplitDataModule):
         return sum(self._counts[Path(s).name] for s in self._shards[split])
 
     def _handler(self, error: Exception) -> bool:
-        if self.on_bad_image == "error":
-            raise DataError(f"unreadable sample in {self.root} ({error}); set data.on_bad_image=skip to skip such "
-                            "samples") from None
-        with self.skipped.get_lock():
-            self.skipped.value += 1
-        log.warning("skipping unreadable sample (%s)", error)
+        """WebDataset's exception handler: the bad-image policy decides; True carries on with the next sample."""
+        self.on_bad_image(f"sample in {self.root}", error)
         return True
 
     def _decoded(self, transform, batch_size: int, partial: bool) -> list:
@@ -120,11 +100,11 @@ class ShardDataModule(SplitDataModule):
     def train_dataloader(self) -> DataLoader:
         self.setup()
         train_tf, _ = imagenet_transforms(self.image_size)
-        workers = max(1, self.num_workers)
-        steps_per_worker = self.samples("train") // (self.batch_size * self._world_size() * workers)
+        workers, ranks, samples = max(1, self.num_workers), self._world_size(), self.samples("train")
+        steps_per_worker = samples // (self.batch_size * ranks * workers)
         if steps_per_worker < 1:
-            raise DataError(f"{self.samples('train')} training samples give no full batch of {self.batch_size} "
-                            f"for each of {self._world_size()} ranks x {workers} loader workers")
+            raise DataError(f"{samples} training samples give no full batch of {self.batch_size} "
+                            f"for each of {ranks} ranks x {workers} loader workers")
         shards = wds.ResampledShards(self._shards["train"], seed=self.seed, deterministic=True)
         pipeline = wds.DataPipeline(shards, *self._decoded(train_tf, self.batch_size, partial=False))
         pipeline = pipeline.with_epoch(steps_per_worker).with_length(steps_per_worker * workers, silent=True)
