@@ -6,9 +6,11 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from splitnet.plan import SplitPlan
+from splitnet.surgery import assign_balanced
 
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -82,6 +84,13 @@ class GroupAssignments(nn.Module):
     def probabilities(self) -> dict[str, Tensor]:
         """Each free grouping's G x D soft assignment."""
         return {key: torch.softmax(alpha, 0) for key, alpha in self.logits.items()}
+
+    @torch.no_grad()
+    def commit(self, sharpness: float = 20.0) -> None:
+        """Harden every free grouping to its balanced hard groups: ``alpha = sharpness * one_hot`` (q ~ 1 - G e^-20)."""
+        for alpha in self.logits.values():
+            labels = assign_balanced(torch.softmax(alpha, 0))
+            alpha.copy_(sharpness * F.one_hot(labels.to(alpha.device), alpha.shape[0]).T.to(alpha.dtype))
 
     def level_probabilities(self, probs: dict[str, Tensor], level: int, name: str) -> Tensor:
         """Soft assignment of grouping ``name`` at ``level``, merging an upper level's groups where needed."""

@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from splitnet.grouping import GroupAssignments
+from splitnet.grouping import GroupAssignments, RegulariserTerms
 from splitnet.plan import SplitConfigError, parse_groups
 from splitnet.schedule import build_optimizer, check_schedule
 from splitnet.surgery import ASSIGN_METHODS, TreeSpec, build_tree, hard_assign
@@ -112,9 +112,7 @@ class SplitNetModule(pl.LightningModule):
         self.log(f"{phase}/train_ce", loss)
         if phase == GROUP and self.grouping is not None:
             terms = self.grouping.regularisers(self.net)
-            split = self.hparams.split
-            loss = loss + split["gamma1"] * terms.disjoint + split["gamma2"] * terms.group_weight
-            loss = loss + split["gamma3"] * terms.balance
+            loss = loss + self.regularisation(terms)
             self.log_dict(
                 {f"{phase}/disjoint": terms.disjoint, f"{phase}/group_weight": terms.group_weight,
                  f"{phase}/balance": terms.balance},
@@ -131,6 +129,13 @@ class SplitNetModule(pl.LightningModule):
         self.log(f"{phase}/train_acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
 
+    def regularisation(self, terms: RegulariserTerms) -> Tensor:
+        """gamma1 T + gamma2 S + gamma3 U; with ``assignment_commit`` the disjoint term is left out, since the commit
+        hardens the assignments in its place (before it, the term would harden them before they orient)."""
+        split = self.hparams.split
+        gamma1 = 0.0 if self._commit_epoch() is not None else split["gamma1"]
+        return gamma1 * terms.disjoint + split["gamma2"] * terms.group_weight + split["gamma3"] * terms.balance
+
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         images, labels = batch
         self.val_acc(self._run(images), labels)
@@ -141,11 +146,29 @@ class SplitNetModule(pl.LightningModule):
         self.test_acc(self._run(images), labels)
         self.log(f"{self.phase}/test_acc", self.test_acc)
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Hold the assignments still for the first ``assignment_delay`` (a share) of the group phase's epochs,
-        so that they start to move once the features have formed (SGD skips a parameter without a gradient)."""
+    def _commit_epoch(self) -> int | None:
+        """The group epoch at which the assignments are hardened (``schedule.group.assignment_commit``), or None."""
         settings = self.hparams.schedule[GROUP]
-        if self.grouping is not None and self.current_epoch < settings.get("assignment_delay", 0) * settings["epochs"]:
+        commit = settings.get("assignment_commit")
+        return None if commit is None else round(commit * settings["epochs"])
+
+    def _assignments_held(self) -> bool:
+        settings = self.hparams.schedule[GROUP]
+        commit = self._commit_epoch()
+        return self.current_epoch < settings.get("assignment_delay", 0) * settings["epochs"] or (
+            commit is not None and self.current_epoch >= commit
+        )
+
+    def on_train_epoch_start(self) -> None:
+        """From the commit epoch on, keep the assignments hardened to balanced groups (idempotent, so resumes agree)."""
+        commit = self._commit_epoch()
+        if self.grouping is not None and commit is not None and self.current_epoch >= commit:
+            self.grouping.commit()
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Hold the assignments still before ``assignment_delay`` and after ``assignment_commit`` (shares of the
+        group phase's epochs); SGD skips a parameter without a gradient."""
+        if self.grouping is not None and self._assignments_held():
             for alpha in self.grouping.parameters():
                 alpha.grad = None
 

@@ -82,7 +82,10 @@ class SplitPhase(pl.Callback):
         )
         self._record(trainer, pl_module, "split")
         if trainer.is_global_zero:
-            self._save_pictures(trainer, split_record(dense, pl_module.plan, spec, probs, trainer.datamodule.class_names))
+            data = trainer.datamodule
+            known = getattr(data, "superclass_of", None)
+            superclasses = (known, data.superclass_names) if known else None
+            self._save_pictures(trainer, split_record(dense, pl_module.plan, spec, probs, data.class_names, superclasses))
 
     @staticmethod
     def _save_pictures(trainer: pl.Trainer, record: dict) -> None:

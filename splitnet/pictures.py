@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import colorsys
 from pathlib import Path
 
 import torch
@@ -53,15 +54,29 @@ def block_matrix(energy: Tensor, row_labels: list[int], col_labels: list[int], p
     return path
 
 
+def _palette(count: int) -> list[tuple[int, int, int]]:
+    """``count`` distinguishable dark colours (hues around the circle, alternating in brightness)."""
+    return [tuple(round(255 * c) for c in colorsys.hsv_to_rgb(i / count, 0.85, 0.55 if i % 2 else 0.8))
+            for i in range(count)]
+
+
 def class_tree(
-    class_groups: list[list[int]], class_names: list[str], groups: list[int], level_names: list[str], path: Path
+    class_groups: list[list[int]], class_names: list[str], groups: list[int], level_names: list[str], path: Path,
+    superclasses: tuple[list[int], list[str]] | None = None,
 ) -> Path:
-    """Leaves as columns of class names, with the split levels above drawn as bars spanning their leaves."""
+    """Leaves as columns of class names, with the split levels above drawn as bars spanning their leaves.
+
+    With ``superclasses`` (the superclass of each class, their names) the names are coloured and ordered by
+    superclass, and a legend lists each superclass as whole (all its classes in one leaf) or split.
+    """
     leaves = len(class_groups)
     column, line = 110, 11
     levels = [(name, g) for name, g in zip(level_names, groups) if g > 1] or [("dense", 1)]
-    height = 16 * len(levels) + 20 + line * max(len(g) for g in class_groups)
-    canvas = Image.new("RGB", (column * leaves + 10, height), "white")
+    superclass_of, superclass_names = superclasses or ([0] * len(class_names), [])
+    colours = _palette(len(superclass_names)) if superclass_names else [(0, 0, 0)]
+    legend = line * (len(superclass_names) + 2) if superclass_names else 0
+    tree_height = 16 * len(levels) + 20 + line * max(len(g) for g in class_groups)
+    canvas = Image.new("RGB", (max(column * leaves + 10, 330), tree_height + legend), "white")
     draw = ImageDraw.Draw(canvas)
     for depth, (name, count) in enumerate(levels):
         span = leaves // count
@@ -70,9 +85,18 @@ def class_tree(
             draw.rectangle((x0, 4 + depth * 16, x1, 14 + depth * 16), outline="black", fill=(230, 230, 240))
             draw.text((x0 + 3, 4 + depth * 16), f"{name} {node}", fill="black")
     top = 16 * len(levels) + 12
+    leaf_of = {}
     for leaf, classes in enumerate(class_groups):
-        for row, index in enumerate(classes):
-            draw.text((8 + leaf * column, top + row * line), class_names[index][:17], fill="black")
+        for row, index in enumerate(sorted(classes, key=lambda c: (superclass_of[c], c))):
+            leaf_of.setdefault(superclass_of[index], set()).add(leaf)
+            draw.text((8 + leaf * column, top + row * line), class_names[index][:17], fill=colours[superclass_of[index]])
+    if superclass_names:
+        whole = sum(len(leaf_of[s]) == 1 for s in range(len(superclass_names)))
+        y = tree_height
+        draw.text((8, y), f"superclasses: {whole} of {len(superclass_names)} whole in one leaf", fill="black")
+        for sup, name in enumerate(superclass_names):
+            where = f"leaf {next(iter(leaf_of[sup]))}" if len(leaf_of[sup]) == 1 else f"split over {len(leaf_of[sup])}"
+            draw.text((8, y + (sup + 1) * line), f"{name[:30]}: {where}", fill=colours[sup])
     canvas.save(path)
     return path
 
@@ -81,7 +105,7 @@ def render_pictures(record: dict, out_dir: Path) -> list[Path]:
     """All pictures of one split record (see ``splitnet.report.split_record``) into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [class_tree(record["class_groups"], record["class_names"], record["groups"], record["level_names"],
-                        out_dir / "class_tree.png")]
+                        out_dir / "class_tree.png", record.get("superclasses"))]
     if record["probs"]:
         paths.append(assignment_heatmaps(record["probs"], record["labels"], out_dir / "assignments.png"))
     if record["layer"] is not None:

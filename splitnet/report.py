@@ -78,10 +78,12 @@ def build_summary(
 
 
 def split_record(
-    dense: nn.Module, plan: SplitPlan, spec: TreeSpec, probs: dict[str, Tensor], class_names: list[str]
+    dense: nn.Module, plan: SplitPlan, spec: TreeSpec, probs: dict[str, Tensor], class_names: list[str],
+    superclasses: tuple[list[int], list[str]] | None = None,
 ) -> dict[str, Any]:
-    """What the pictures of a split need: soft and hard assignments, the class groups, and the largest split
-    layer's weight energy (outputs x inputs) with the groups of its rows and columns."""
+    """What the pictures of a split need: soft and hard assignments, the class groups, the largest split
+    layer's weight energy (outputs x inputs) with the groups of its rows and columns, and where the data has
+    them, the known superclasses (``(superclass of each class, superclass names)``)."""
     dims = plan.grouping_dims(dense)
     layer, largest = None, 0
     for index, level in enumerate(plan.levels):
@@ -104,6 +106,7 @@ def split_record(
         "probs": {key: q.detach().cpu() for key, q in probs.items()},
         "class_groups": [(class_labels == g).nonzero().flatten().tolist() for g in range(spec.groups[last])],
         "class_names": list(class_names),
+        "superclasses": superclasses,
         "layer": layer,
     }
 

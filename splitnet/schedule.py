@@ -61,3 +61,7 @@ def check_schedule(schedule: Mapping[str, Any], phases: Iterable[str]) -> None:
         if not 0 <= delay < 1:
             raise ConfigError(f"schedule.{phase}.assignment_delay={delay}: must be a share of the phase's epochs, "
                               "at least 0 and below 1")
+        commit = settings.get("assignment_commit")
+        if commit is not None and not delay < commit <= 1:
+            raise ConfigError(f"schedule.{phase}.assignment_commit={commit}: must be a share of the phase's epochs, "
+                              f"above assignment_delay={delay} and at most 1 (or null: never)")

@@ -1,4 +1,4 @@
-"""A test-only callback: each DDP rank saves its final weights and tree spec, so the test can compare ranks."""
+"""Test-only callbacks: what each DDP rank ends with (weights, tree spec) or evaluated, so tests can compare ranks."""
 
 from pathlib import Path
 
@@ -15,3 +15,18 @@ class SaveRankState(pl.Callback):
         state = {k: v.detach().cpu() for k, v in pl_module.state_dict().items()}
         torch.save({"state_dict": state, "tree_spec": pl_module.tree_spec.to_dict()},
                    self.out_dir / f"rank{trainer.global_rank}.pt")
+
+
+class SaveTestLabels(pl.Callback):
+    """Each DDP rank saves the labels of the test samples it evaluated."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.labels: list[int] = []
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.labels.extend(batch[1].tolist())
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(self.labels, self.out_dir / f"test_labels{trainer.global_rank}.pt")

@@ -1,12 +1,16 @@
-"""The per-phase optimiser: the assignments' own learning rate under every LR schedule, and their delay."""
+"""The per-phase optimiser: the assignments' own learning rate under every LR schedule, their delay and their commit."""
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
 from splitnet.errors import ConfigError
+from splitnet.grouping import RegulariserTerms
 from splitnet.module import SplitNetModule
 from splitnet.schedule import build_optimizer, check_schedule
+from splitnet.surgery import assign_balanced
 
 SETTINGS = {"epochs": 2, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "milestones": [1], "lr_decay": 0.1}
 
@@ -30,20 +34,56 @@ def test_without_a_scale_the_assignments_follow_the_network():
     assert optimizer.param_groups[0]["lr"] == optimizer.param_groups[1]["lr"]
 
 
-@pytest.mark.parametrize("delay, held", [(0.5, True), (0.0, False)])
-def test_assignments_are_held_during_the_delay(delay: int, held: bool):
-    schedule = {phase: SETTINGS | {"lr_schedule": "cosine", "assignment_delay": delay}
-                for phase in ("group", "finetune")}
-    module = SplitNetModule({"_target_": "splitnet.backbones.wide_resnet", "depth": 10, "width": 1}, 10,
-                            {"groups": "2-2-2", "assign": "balanced", "gamma1": 1, "gamma2": 1, "gamma3": 10}, schedule)
+def small_module(**group_settings) -> SplitNetModule:
+    schedule = {phase: SETTINGS | {"lr_schedule": "cosine"} for phase in ("group", "finetune")}
+    schedule["group"] |= group_settings
+    return SplitNetModule({"_target_": "splitnet.backbones.wide_resnet", "depth": 10, "width": 1}, 10,
+                          {"groups": "2-2-2", "assign": "argmax", "gamma1": 1, "gamma2": 1, "gamma3": 10}, schedule)
+
+
+def assignments_held(module: SplitNetModule) -> list[bool]:
+    """Which assignments ``on_before_optimizer_step`` holds still (drops their gradients)."""
     for alpha in module.grouping.parameters():
         alpha.grad = torch.ones_like(alpha)
-    module.on_before_optimizer_step(torch.optim.SGD(module.parameters(), lr=0.1))  # epoch 0, no trainer
-    assert all((alpha.grad is None) == held for alpha in module.grouping.parameters())
+    module.on_before_optimizer_step(torch.optim.SGD(module.parameters(), lr=0.1))
     assert all(p.grad is None for p in module.net.parameters())  # the network's own gradients are left alone
+    return [alpha.grad is None for alpha in module.grouping.parameters()]
+
+
+@pytest.mark.parametrize("delay, held", [(0.5, True), (0.0, False)])
+def test_assignments_are_held_during_the_delay(delay: int, held: bool):
+    assert set(assignments_held(small_module(assignment_delay=delay))) == {held}  # epoch 0, no trainer
+
+
+def test_commit_hardens_the_assignments_to_balanced_groups_and_holds_them():
+    module = small_module(epochs=4, assignment_commit=0.5)  # hardened from group epoch 2 on
+    soft = {key: torch.softmax(alpha.detach(), 0) for key, alpha in module.grouping.logits.items()}
+    for epoch, held in ((1, False), (2, True), (3, True)):
+        module._trainer = SimpleNamespace(current_epoch=epoch)
+        module.on_train_epoch_start()
+        assert set(assignments_held(module)) == {held}
+    hard = module.grouping.probabilities()
+    for key, q in hard.items():
+        assert q.max(0).values.min() > 0.999
+        assert torch.equal(q.argmax(0), assign_balanced(soft[key]))  # the groups the soft assignment was closest to
+    spec = module.split()  # argmax of the committed assignments: the balanced groups
+    assert all(len(set(torch.bincount(torch.tensor(labels)).tolist())) == 1 for labels in spec.labels.values())
+
+
+def test_commit_leaves_the_disjoint_term_out():
+    terms = RegulariserTerms(torch.tensor(0.5), torch.tensor(2.0), torch.tensor(1.5))
+    assert small_module().regularisation(terms).item() == pytest.approx(0.5 + 2.0 + 15.0)
+    assert small_module(assignment_commit=0.5).regularisation(terms).item() == pytest.approx(2.0 + 15.0)
 
 
 def test_a_delay_as_long_as_the_phase_is_refused():
     schedule = {phase: SETTINGS | {"lr_schedule": "cosine", "assignment_delay": 1.0} for phase in ("group", "finetune")}
     with pytest.raises(ConfigError, match="schedule.group.assignment_delay=1.0: must be a share of the phase's epochs"):
+        check_schedule(schedule, ("group",))
+
+
+@pytest.mark.parametrize("commit", [0.25, 1.5])
+def test_a_commit_outside_the_delay_and_the_phase_is_refused(commit: float):
+    schedule = {phase: SETTINGS | {"assignment_delay": 0.25, "assignment_commit": commit} for phase in ("group",)}
+    with pytest.raises(ConfigError, match=f"schedule.group.assignment_commit={commit}: must be a share"):
         check_schedule(schedule, ("group",))

@@ -78,13 +78,34 @@ def test_packing_a_missing_folder_is_an_error(tmp_path: Path):
         write_shards(tmp_path, tmp_path / "out")
 
 
+SHARD_RUN = ("experiment=smoke", "data=imagenet22k_shards", "data.test_split=val", "data.image_size=32",
+             "data.num_workers=0", "data.shuffle_buffer=16", "backbone=resnet18", "~backbone.width",
+             "split.groups=2-2-4")
+
+
 def test_resnet18_smoke_run_on_shards(shards: Path, tmp_path: Path):
     run_train(
-        tmp_path / "run", "experiment=smoke", "data=imagenet22k_shards", f"data.root={shards}", "data.test_split=val",
-        "data.image_size=32", "data.val_shards=1", "data.num_workers=0", "data.eval_batch_size=8",
-        "data.shuffle_buffer=16", "backbone=resnet18", "~backbone.width", "split.groups=2-2-4", "schedule.batch_size=8",
-        "trainer.limit_train_batches=3",
+        tmp_path / "run", *SHARD_RUN, f"data.root={shards}", "data.val_shards=1", "data.eval_batch_size=8",
+        "schedule.batch_size=8", "trainer.limit_train_batches=3",
     )
     summary = read_summary(tmp_path / "run")
     assert summary["backbone"] == "resnet18" and len(summary["class_groups"]) == 4
     assert summary["params"] < summary["dense_params"] and summary["skipped_images"] == 0
+
+
+def test_two_ddp_ranks_share_the_shards(shards: Path, tmp_path: Path):
+    probe = tmp_path / "ranks"
+    ddp = (*SHARD_RUN, f"data.root={shards}", "data.eval_batch_size=4", "schedule.batch_size=4", "trainer=ddp",
+           "trainer.devices=2")
+    run_train(tmp_path / "run", *ddp, "data.val_shards=2", "+callbacks.probe._target_=tests.ddp_probe.SaveRankState",
+              f"+callbacks.probe.out_dir={probe}", "+callbacks.labels._target_=tests.ddp_probe.SaveTestLabels",
+              f"+callbacks.labels.out_dir={probe}")
+    ranks = [torch.load(probe / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert ranks[0]["tree_spec"] == ranks[1]["tree_spec"]
+    assert all(torch.equal(v, ranks[1]["state_dict"][k]) for k, v in ranks[0]["state_dict"].items())
+    seen = [torch.load(probe / f"test_labels{r}.pt") for r in (0, 1)]
+    assert all(seen) and sorted(seen[0] + seen[1]) == sorted(c for c in range(4) for _ in range(3))  # each image once
+    # one validation shard for two ranks: one rank would have nothing to evaluate
+    result = run_train(tmp_path / "bad", *ddp, "data.val_shards=1", check=False)
+    assert result.returncode != 0
+    assert "error: data.val_shards=1: each of the 2 ranks needs at least one val shard" in result.stderr

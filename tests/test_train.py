@@ -109,6 +109,8 @@ def test_smoke_on_real_cifar100(cifar100_root: Path, tmp_path: Path):
     assert summary["test_acc"]["finetune"] > 0.02  # chance is 0.01
     assert summary["fit_time_s"] > 0 and "inference" not in summary  # measured on a GPU only, by default
     assert 0.0 <= summary["semantics"]["superclass_purity"] <= 1.0 and 0.0 <= summary["semantics"]["nmi"] <= 1.0
+    superclass_of, names = torch.load(tmp_path / "split_record.pt", weights_only=False)["superclasses"]
+    assert len(superclass_of) == 100 and names[4] == "fruit_and_vegetables"  # the class tree colours by them
 
 
 def test_cifar100_superclasses_are_read(cifar100_root: Path):
@@ -116,7 +118,8 @@ def test_cifar100_superclasses_are_read(cifar100_root: Path):
 
     data = CIFAR100DataModule(root=str(cifar100_root), download=False)
     data.setup()
-    assert data.class_names[0] == "apple" and data.superclass_of[0] == 4  # fruit and vegetables
+    assert data.class_names[0] == "apple" and data.superclass_of[0] == 4
+    assert len(data.superclass_names) == 20 and data.superclass_names[4] == "fruit_and_vegetables"
     assert sorted(data.superclass_of.count(s) for s in range(20)) == [5] * 20
     sizes = [len(loader.dataset) for loader in (data.train_dataloader(), data.val_dataloader(), data.test_dataloader())]
     assert sizes == [45000, 5000, 10000]

@@ -23,6 +23,7 @@ class CIFAR100DataModule(ImageTensorDataModule):
         super().__init__(**kwargs)
         self.root, self.download = root, download
         self.superclass_of: list[int] = []  # CIFAR-100's 20 superclasses: the superclass of each class
+        self.superclass_names: list[str] = []
 
     def _dataset(self, train: bool) -> CIFAR100:
         folder = Path(self.root).expanduser().resolve()
@@ -47,7 +48,10 @@ class CIFAR100DataModule(ImageTensorDataModule):
 
     def load(self) -> tuple[Tensor, Tensor, Tensor, Tensor, list[str]]:
         train, test = self._dataset(True), self._dataset(False)
-        self.superclass_of = _superclasses(Path(train.root) / train.base_folder / "train", len(train.classes))
+        folder = Path(train.root) / train.base_folder
+        self.superclass_of = _superclasses(folder / "train", len(train.classes))
+        with open(folder / train.meta["filename"], "rb") as handle:
+            self.superclass_names = pickle.load(handle, encoding="latin1")["coarse_label_names"]
 
         def images(dataset: CIFAR100) -> Tensor:
             return torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()

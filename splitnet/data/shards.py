@@ -112,6 +112,12 @@ class ShardDataModule(WorkerImageDataModule):
 
     def _eval_loader(self, split: str) -> DataLoader:
         self.setup()
+        shards, ranks = len(self._shards[split]), self._world_size()
+        if shards < ranks:  # a rank without a shard would sit out the evaluation the others wait in
+            setting = (f"data.val_shards={self.val_shards}" if split == "val"
+                       else f"the {self.test_split} split has {shards} shard(s) in {self.root}")
+            raise DataError(f"{setting}: each of the {ranks} ranks needs at least one {split} shard "
+                            f"(give it at least {ranks}; `python -m splitnet.data.shards --shard-size` makes more)")
         _, eval_tf = imagenet_transforms(self.image_size)
         pipeline = wds.DataPipeline(wds.SimpleShardList(self._shards[split]), wds.split_by_node, wds.split_by_worker,
                                     *self._decoded(eval_tf, self.eval_batch_size, partial=True))
