@@ -37,15 +37,19 @@ class RunDirError(RuntimeError):
 
 
 def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: str) -> str | None:
-    """``last`` means this run directory's last checkpoint; anything else must be an existing file."""
+    """``last`` means this run directory's last checkpoint, ``auto`` that checkpoint if there is one (else a fresh
+    start: for jobs that are requeued with the same command); anything else must be an existing file."""
+    last = Path(checkpoint_dir) / "last.ckpt"
+    if ckpt_path == "auto":
+        return str(last) if last.is_file() else None
     if ckpt_path is None:
-        if (Path(checkpoint_dir) / "last.ckpt").exists():
+        if last.exists():
             raise RunDirError(
                 f"{Path(checkpoint_dir).parent} already holds a run (checkpoints/last.ckpt): add ckpt_path=last to "
                 "resume it, or set hydra.run.dir to a new folder; nothing was overwritten"
             )
         return None
-    path = Path(checkpoint_dir) / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    path = last if ckpt_path == "last" else Path(ckpt_path)
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path}: no checkpoint at {path}")
     return str(path)

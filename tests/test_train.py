@@ -125,6 +125,14 @@ def test_cifar100_superclasses_are_read(cifar100_root: Path):
     assert sizes == [45000, 5000, 10000]
 
 
+def test_ckpt_path_auto_resumes_only_where_there_is_a_checkpoint(tmp_path: Path):
+    from train import resolve_ckpt_path
+
+    assert resolve_ckpt_path("auto", str(tmp_path)) is None  # a fresh start
+    (tmp_path / "last.ckpt").write_bytes(b"")
+    assert resolve_ckpt_path("auto", str(tmp_path)) == str(tmp_path / "last.ckpt")
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -140,6 +148,7 @@ def test_cifar100_superclasses_are_read(cifar100_root: Path):
         (("data=mnist",), "Could not find 'data/mnist'"),
         (("schedule.group.lr_schedule=bogus",), "schedule.group.lr_schedule='bogus' is not one of step, onecycle"),
         (("schedule.group.assignment_lr_scale=0",), "schedule.group.assignment_lr_scale=0: must be a positive"),
+        (("schedule.group.assignment_commit=1.5",), "schedule.group.assignment_commit=1.5: must be a share"),
         (("data.val_size=-3",), "data.val_size=-3: must be between 0 and the 2000 training images"),
         (("backbone.depth=15",), "backbone.depth=15: a Wide ResNet has depth 6n+4"),
     ],
