@@ -17,16 +17,19 @@ class SaveRankState(pl.Callback):
                    self.out_dir / f"rank{trainer.global_rank}.pt")
 
 
-class SaveTestLabels(pl.Callback):
-    """Each DDP rank saves the labels of the test samples it evaluated."""
+class SaveSeenLabels(pl.Callback):
+    """Each DDP rank saves the labels of the training and test samples it was given."""
 
     def __init__(self, out_dir: str) -> None:
         self.out_dir = Path(out_dir)
-        self.labels: list[int] = []
+        self.seen: dict[str, list[int]] = {"train": [], "test": []}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.seen["train"].extend(batch[1].tolist())
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self.labels.extend(batch[1].tolist())
+        self.seen["test"].extend(batch[1].tolist())
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(self.labels, self.out_dir / f"test_labels{trainer.global_rank}.pt")
+        torch.save(self.seen, self.out_dir / f"labels{trainer.global_rank}.pt")

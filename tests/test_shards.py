@@ -98,13 +98,15 @@ def test_two_ddp_ranks_share_the_shards(shards: Path, tmp_path: Path):
     ddp = (*SHARD_RUN, f"data.root={shards}", "data.eval_batch_size=4", "schedule.batch_size=4", "trainer=ddp",
            "trainer.devices=2")
     run_train(tmp_path / "run", *ddp, "data.val_shards=2", "+callbacks.probe._target_=tests.ddp_probe.SaveRankState",
-              f"+callbacks.probe.out_dir={probe}", "+callbacks.labels._target_=tests.ddp_probe.SaveTestLabels",
+              f"+callbacks.probe.out_dir={probe}", "+callbacks.labels._target_=tests.ddp_probe.SaveSeenLabels",
               f"+callbacks.labels.out_dir={probe}")
     ranks = [torch.load(probe / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert ranks[0]["tree_spec"] == ranks[1]["tree_spec"]
     assert all(torch.equal(v, ranks[1]["state_dict"][k]) for k, v in ranks[0]["state_dict"].items())
-    seen = [torch.load(probe / f"test_labels{r}.pt") for r in (0, 1)]
-    assert all(seen) and sorted(seen[0] + seen[1]) == sorted(c for c in range(4) for _ in range(3))  # each image once
+    seen = [torch.load(probe / f"labels{r}.pt") for r in (0, 1)]
+    assert len(seen[0]["train"]) == len(seen[1]["train"]) > 0 and seen[0]["train"] != seen[1]["train"]  # own draws
+    tested = seen[0]["test"] + seen[1]["test"]
+    assert seen[0]["test"] and seen[1]["test"] and sorted(tested) == sorted(c for c in range(4) for _ in range(3))
     # one validation shard for two ranks: one rank would have nothing to evaluate
     result = run_train(tmp_path / "bad", *ddp, "data.val_shards=1", check=False)
     assert result.returncode != 0
