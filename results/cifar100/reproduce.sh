@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Every run of README's "Results on CIFAR-100" table: WRN-16-8, schedule=fast, one directory per run.
+#
+#   bash results/cifar100/reproduce.sh [OVERRIDE ...]      e.g. data.root=/data data.download=false
+#
+# PARALLEL runs share the GPU at a time (default 3). Each run resumes from its own last checkpoint
+# (ckpt_path=auto) and a finished run is skipped, so with TIME_LIMIT (seconds for this whole call) the
+# same command, called again, goes on where the last call stopped. When every run has its summary.json,
+# the summaries are copied unedited to RESULTS (default: this folder) and the report table is printed
+# (also written to LOGS/report.csv and report_mean.csv).
+set -u
+cd "$(dirname "$0")/../.."
+LOGS=${LOGS:-logs/cifar100}
+RESULTS=${RESULTS:-results/cifar100}
+PARALLEL=${PARALLEL:-3}
+DEADLINE=$(( $(date +%s) + ${TIME_LIMIT:-31536000} ))
+RANDOM_SPLIT="split.assign=random split.gamma1=0 split.gamma2=0 split.gamma3=0"
+
+run() {  # NAME OVERRIDE...: one training, until it ends or the deadline comes
+    local name=$1 left
+    shift
+    [ -f "$LOGS/$name/summary.json" ] && return 0
+    left=$(( DEADLINE - $(date +%s) ))
+    [ "$left" -gt 30 ] || return 0
+    mkdir -p "$LOGS"
+    timeout "$left" python train.py schedule=fast ckpt_path=auto "hydra.run.dir=$LOGS/$name" "$@" \
+        >> "$LOGS/$name.out" 2>&1
+    echo "$name: exit $? ($(date +%T))"
+}
+export -f run
+export LOGS DEADLINE
+
+xargs -P "$PARALLEL" -I{} bash -c 'run {} "$@"' _ "$@" <<EOF
+dense_s0 split=none seed=0
+learned_2-2-2_s0 split=2-2-2 seed=0
+random_2-2-2_s0 split=2-2-2 $RANDOM_SPLIT seed=0
+dense_s1 split=none seed=1
+learned_2-2-2_s1 split=2-2-2 seed=1
+random_2-2-2_s1 split=2-2-2 $RANDOM_SPLIT seed=1
+learned_4-4-4_s0 split=4-4-4 seed=0
+learned_1-2-4_s0 split=1-2-4 seed=0
+learned_1-1-2_s0 split=1-1-2 seed=0
+EOF
+
+missing=$(for d in "$LOGS"/*/; do [ -f "$d/summary.json" ] || basename "$d"; done)
+if [ -n "$missing" ]; then
+    echo "not finished yet:" $missing "(call again to go on)"
+    exit 0
+fi
+for d in "$LOGS"/*/; do cp "$d/summary.json" "$RESULTS/$(basename "$d").json"; done
+python -m splitnet.report "$LOGS"
