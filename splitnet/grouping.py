@@ -87,7 +87,8 @@ class GroupAssignments(nn.Module):
 
     @torch.no_grad()
     def commit(self, sharpness: float = 20.0) -> None:
-        """Harden every free grouping to its balanced hard groups: ``alpha = sharpness * one_hot`` (q ~ 1 - G e^-20)."""
+        """Harden every free grouping to its balanced hard groups: ``alpha = sharpness * one_hot`` (within (G-1) e^-20
+        of one-hot)."""
         for alpha in self.logits.values():
             labels = assign_balanced(torch.softmax(alpha, 0))
             alpha.copy_(sharpness * F.one_hot(labels.to(alpha.device), alpha.shape[0]).T.to(alpha.dtype))
