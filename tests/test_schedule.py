@@ -51,7 +51,7 @@ def assignments_held(module: SplitNetModule) -> list[bool]:
 
 
 @pytest.mark.parametrize("delay, held", [(0.5, True), (0.0, False)])
-def test_assignments_are_held_during_the_delay(delay: int, held: bool):
+def test_assignments_are_held_during_the_delay(delay: float, held: bool):
     assert set(assignments_held(small_module(assignment_delay=delay))) == {held}  # epoch 0, no trainer
 
 
