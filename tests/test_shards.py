@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from splitnet.data import DataError, ShardDataModule
-from splitnet.data.shards import write_shards
+from splitnet.data import DataError
+from splitnet.data.shards import ShardDataModule, write_shards
 from tests.conftest import read_summary, run_train
 from tests.test_imagefolder import CLASSES, make_folders
 
