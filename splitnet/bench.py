@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import itertools
 import json
 import logging
 import platform
 import statistics
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import date
 from pathlib import Path
 
@@ -76,8 +77,12 @@ def throughputs(steps: dict[str, Callable[[], object]], batch: int, device: torc
     return {name: batch / statistics.median(times) for name, times in samples.items()}
 
 
-def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+def bf16_autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on ``device`` if ``bf16``, else nothing."""
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+INFERENCE_SETTINGS = ("eager", "channels_last", "compile", "cudagraphs")
 
 
 def prepared(model: nn.Module, setting: str, device: torch.device) -> Callable[[Tensor], Tensor]:
@@ -104,18 +109,18 @@ def inference_speed(model: nn.Module, image_shape: tuple[int, ...], batch: int, 
     """Images per second of ``model`` (eval mode, channels-last, eager; bf16 autocast if ``bf16``) at ``batch``."""
     images = torch.randn(batch, *image_shape, device=device).contiguous(memory_format=torch.channels_last)
     run = prepared(model, "channels_last", device)
-    with torch.inference_mode(), _autocast(device, bf16):
+    with torch.inference_mode(), bf16_autocast(device, bf16):
         speed = throughputs({"model": lambda: run(images)}, batch, device, repeats)["model"]
     return {"batch": batch, "img_per_s": round(speed, 1), "setting": "eager channels_last" + (" bf16" if bf16 else ""),
             "device": device_name(device)}
 
 
-def inference_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
+def inference_rows(args: argparse.Namespace, device: torch.device) -> Iterator[list[dict]]:
+    """The inference rows, one batch size at a time."""
     config, shape, classes = BACKBONES[args.backbone]
     dense = instantiate(config, num_classes=classes).eval()
     models = {"dense": dense} | {split: balanced_tree(dense, split).eval() for split in args.splits}
     flops = {name: count_flops(model, shape) for name, model in models.items()}
-    rows = []
     for batch in args.infer_batches:
         images = torch.randn(batch, *shape, device=device)
         steps = {}
@@ -123,14 +128,12 @@ def inference_rows(args: argparse.Namespace, device: torch.device) -> list[dict]
             for setting in args.settings:
                 inputs = images.contiguous(memory_format=torch.channels_last) if setting != "eager" else images
                 steps[name, setting] = (lambda run, x: lambda: run(x))(prepared(model, setting, device), inputs)
-        with torch.inference_mode(), _autocast(device, args.bf16):
+        with torch.inference_mode(), bf16_autocast(device, args.bf16):
             measured = throughputs(steps, batch, device, args.repeats)
         best_dense = max(v for (name, _), v in measured.items() if name == "dense")
-        for (name, setting), value in measured.items():
-            rows.append({"mode": "inference", "model": args.backbone, "split": name, "batch": batch,
-                         "setting": setting, "img_per_s": round(value, 1), "vs_dense": round(value / best_dense, 3),
-                         "flop_ratio": round(flops["dense"] / flops[name], 3)})
-    return rows
+        yield [{"mode": "inference", "model": args.backbone, "split": name, "batch": batch, "setting": setting,
+                "img_per_s": round(value, 1), "vs_dense": round(value / best_dense, 3),
+                "flop_ratio": round(flops["dense"] / flops[name], 3)} for (name, setting), value in measured.items()]
 
 
 class _RandomImages(ImageTensorDataModule):
@@ -147,41 +150,67 @@ class _RandomImages(ImageTensorDataModule):
         return images, labels, images[:1], labels[:1], [str(i) for i in range(self.classes)]
 
 
-class _StepTimer(pl.Callback):
-    def __init__(self, warmup: int) -> None:
-        self.warmup, self.samples, self._start = warmup, [], 0.0
+class _LoopTimer(pl.Callback):
+    """Seconds per iteration of the training loop (fetch, transfer, step, hooks: from one batch's start to the
+    next's) after ``warmup`` iterations, and each epoch's wall time (no waits for the device in between)."""
+
+    def __init__(self, warmup: int, per_step: bool) -> None:
+        self.warmup, self.per_step = warmup, per_step
+        self.iterations: list[float] = []
+        self.epochs: list[float] = []
+        self._batch_start: float | None = None
+        self._epoch_start = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if not self.per_step:
+            return
         _sync(pl_module.device)
-        self._start = time.perf_counter()
+        now = time.perf_counter()
+        if self._batch_start is not None and batch_idx > self.warmup:
+            self.iterations.append(now - self._batch_start)
+        self._batch_start = now
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
         _sync(pl_module.device)
-        if batch_idx >= self.warmup:
-            self.samples.append(time.perf_counter() - self._start)
+        self._epoch_start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        _sync(pl_module.device)
+        self.epochs.append(time.perf_counter() - self._epoch_start)
 
 
-def lightning_throughput(module: SplitNetModule, data: _RandomImages, args, device: torch.device) -> float:
-    timer = _StepTimer(warmup=2)
+def lightning_throughput(module: SplitNetModule, data: _RandomImages, args, device: torch.device,
+                         whole_epochs: bool = False) -> float:
+    """Images per second of ``module`` trained by Lightning: the median loop iteration, or with ``whole_epochs`` the
+    second of two epochs over all of ``data`` (the first warms up)."""
+    timer = _LoopTimer(warmup=2, per_step=not whole_epochs)
+    limits = {"max_epochs": 2} if whole_epochs else {"max_steps": 3 + args.repeats}
     trainer = pl.Trainer(
-        accelerator=device.type, devices=1, max_steps=2 + args.repeats, limit_val_batches=0, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
-        precision="bf16-mixed" if args.bf16 else "32-true",
+        accelerator=device.type, devices=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+        precision="bf16-mixed" if args.bf16 else "32-true", **limits,
     )
     trainer.fit(module, datamodule=data)
-    return data.batch_size / statistics.median(timer.samples)
+    if whole_epochs:
+        return len(data.train_dataloader()) * data.batch_size / timer.epochs[-1]
+    return data.batch_size / statistics.median(timer.iterations)
 
 
-def plain_throughput(model: nn.Module, data: _RandomImages, args, device: torch.device) -> float:
+def plain_throughput(model: nn.Module, data: _RandomImages, args, device: torch.device, compiled: bool) -> float:
     """The reference: a plain PyTorch loop (no Lightning) over the same data pipeline."""
     model = copy.deepcopy(model).to(device).train()
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    loader = iter(data.train_dataloader())
+    run = torch.compile(model) if compiled else model
+    loader = itertools.cycle(data.train_dataloader())
 
     def step() -> None:
         images, labels = data.fetch(next(loader), device, train=True)
-        with _autocast(device, args.bf16):
-            loss = F.cross_entropy(model(images), labels)
+        if args.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with bf16_autocast(device, args.bf16):
+            loss = F.cross_entropy(run(images), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -189,35 +218,41 @@ def plain_throughput(model: nn.Module, data: _RandomImages, args, device: torch.
     return throughputs({"plain": step}, data.batch_size, device, args.repeats)["plain"]
 
 
-def training_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
+def training_rows(args: argparse.Namespace, device: torch.device) -> Iterator[list[dict]]:
+    """The training rows, one batch size at a time; each against the plain loop in the same setting."""
     config, shape, classes = BACKBONES[args.backbone]
     dense = instantiate(config, num_classes=classes)
     flop_ratio = {"dense": 1.0} | {
         split: count_flops(dense, shape) / count_flops(balanced_tree(dense, split), shape) for split in args.splits
     }
-    rows = []
     for batch in args.train_batches:
         data = _RandomImages(shape, classes, batch * (args.repeats + 4), batch_size=batch)
         data.setup()
+        epoch_data = _RandomImages(shape, classes, batch * args.epoch_steps, batch_size=batch)
+        rows = []
+        for setting in args.train_settings:
+            compiled, suffix = setting == "compile", " compile" if setting == "compile" else ""
 
-        def module(split: str) -> SplitNetModule:
-            split_cfg = {"groups": split, "assign": "balanced", "gamma1": 1.0, "gamma2": 1.0, "gamma3": 10.0}
-            return SplitNetModule(config, classes, split_cfg, SCHEDULE)
+            def module(split: str) -> SplitNetModule:
+                split_cfg = {"groups": split, "assign": "balanced", "gamma1": 1.0, "gamma2": 1.0, "gamma3": 10.0}
+                return SplitNetModule(config, classes, split_cfg, SCHEDULE, args.channels_last, compiled)
 
-        measured = {("plain loop", "dense"): plain_throughput(module("none").net, data, args, device)}
-        measured["lightning", "dense"] = lightning_throughput(module("none"), data, args, device)
-        for split in args.splits:
-            grouping = module(split)
-            measured["lightning group learning", split] = lightning_throughput(grouping, data, args, device)
-            tree = module(split)
-            tree.split()
-            measured["lightning finetune", split] = lightning_throughput(tree, data, args, device)
-        reference = measured["plain loop", "dense"]
-        for (setting, name), value in measured.items():
-            rows.append({"mode": "training", "model": args.backbone, "split": name, "batch": batch,
-                         "setting": setting, "img_per_s": round(value, 1), "vs_dense": round(value / reference, 3),
-                         "flop_ratio": round(flop_ratio[name], 3)})
-    return rows
+            measured = {("plain loop", "dense"): plain_throughput(module("none").net, data, args, device, compiled)}
+            measured["lightning", "dense"] = lightning_throughput(module("none"), data, args, device)
+            if args.epoch_steps:
+                measured["lightning whole epoch", "dense"] = lightning_throughput(module("none"), epoch_data, args,
+                                                                                 device, whole_epochs=True)
+            for split in args.splits:
+                measured["lightning group learning", split] = lightning_throughput(module(split), data, args, device)
+                tree = module(split)
+                tree.split()
+                measured["lightning finetune", split] = lightning_throughput(tree, data, args, device)
+            reference = measured["plain loop", "dense"]
+            rows += [{"mode": "training", "model": args.backbone, "split": name, "batch": batch,
+                      "setting": setting_name + suffix, "img_per_s": round(value, 1),
+                      "vs_dense": round(value / reference, 3), "flop_ratio": round(flop_ratio[name], 3)}
+                     for (setting_name, name), value in measured.items()]
+        yield rows
 
 
 def cost_rows(backbones: list[str], splits: list[str]) -> list[dict]:
@@ -244,7 +279,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--infer-batches", default=None, type=lambda s: [int(b) for b in s.split(",")])
     parser.add_argument("--train-batches", default=None, type=lambda s: [int(b) for b in s.split(",")])
     parser.add_argument("--settings", default=None, type=lambda s: s.split(","),
-                        help="inference settings: eager, channels_last, compile, cudagraphs")
+                        help=f"inference settings: {', '.join(INFERENCE_SETTINGS)}")
+    parser.add_argument("--train-settings", default="eager", type=lambda s: s.split(","),
+                        help="training settings: eager, compile (torch.compile for the plain loop and every module)")
+    parser.add_argument("--epoch-steps", default=None, type=int,
+                        help="steps of the whole-epoch measurement (default: 100 on a GPU, 10 on a CPU; 0: none)")
     parser.add_argument("--repeats", default=10, type=int)
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-inference", action="store_true")
@@ -262,17 +301,32 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     device = torch.device(args.device)
     gpu = device.type == "cuda"
-    args.bf16 = gpu
+    args.bf16 = args.channels_last = gpu  # as train.py has them by default
+    args.epoch_steps = (100 if gpu else 10) if args.epoch_steps is None else args.epoch_steps
     args.infer_batches = args.infer_batches or ([1, 64, 1024] if gpu else [64])
     args.train_batches = args.train_batches or ([128, 512] if gpu else [32])
     args.settings = args.settings or (["eager", "channels_last", "compile"] + (["cudagraphs"] if gpu else []))
-    rows = ([] if args.skip_inference else inference_rows(args, device)) + ([] if args.skip_train else training_rows(args, device))
-    print(format_rows(rows))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"date": str(date.today()), "device": device_name(device), "torch": torch.__version__,
-                                         "command": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=2, default=str))
+    for option, given, known in (("--settings", args.settings, INFERENCE_SETTINGS),
+                                 ("--train-settings", args.train_settings, ("eager", "compile"))):
+        if set(given) - set(known):
+            parser.error(f"{option} {', '.join(sorted(set(given) - set(known)))}: not one of {', '.join(known)}")
+    parts = ([] if args.skip_inference else [inference_rows(args, device)]) + (
+        [] if args.skip_train else [training_rows(args, device)])
+    rows: list[dict] = []
+    for measured in itertools.chain(*parts):  # each batch size's rows are printed and saved as they come
+        rows += measured
+        print(format_rows(measured), flush=True)
+        if args.json:
+            write_json(args.json, device, vars(args), rows)
+    print("\n" + format_rows(rows))
     return 0
+
+
+def write_json(path: Path, device: torch.device, command: dict, rows: list[dict]) -> None:
+    """The rows with the date, the machine and the command that measured them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"date": str(date.today()), "device": device_name(device), "torch": torch.__version__,
+                                "command": command, "rows": rows}, indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -6,10 +6,9 @@ GPU, a thread per device on CPUs) and only the logits come back, in class order.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
-import statistics
-import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,22 +16,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from hydra.utils import instantiate
 from torch import Tensor, nn
 
-from splitnet.report import count_flops
+from splitnet.bench import BACKBONES, balanced_tree, bf16_autocast, device_name, throughputs, write_json
+from splitnet.report import count_flops, format_rows
 from splitnet.tree import Branch, SplitTree, select_channels
 
 
 def parallel_units(tree: SplitTree, count: int) -> list[list[int]]:
     """Paths (child indices from the roots) of the subtrees to distribute: the first tree level with at least
-    ``count`` nodes, or the leaves. Everything above them is shared work done on the first device."""
-    level = [[i] for i in range(len(tree.branches))]
-    while len(level) < count:
-        deeper = [path + [c] for path in level for c in range(len(_node(tree, path).subbranches))]
-        if not deeper:
-            break
-        level = deeper
-    return level
+    ``count`` nodes, else the shallowest level with the most nodes. Everything above them is shared work done on
+    the first device."""
+    levels = [[[i] for i in range(len(tree.branches))]]
+    while deeper := [path + [c] for path in levels[-1] for c in range(len(_node(tree, path).subbranches))]:
+        levels.append(deeper)
+    enough = [level for level in levels if len(level) >= count]
+    return enough[0] if enough else max(levels, key=len)
 
 
 def _node(tree: SplitTree, path: list[int]) -> Branch:
@@ -53,7 +53,8 @@ def balanced_placement(costs: Sequence[float], devices: int) -> list[int]:
 
 
 class _Shared(nn.Module):
-    """The trunk plus every branch body above the units; returns each unit's input."""
+    """The trunk plus every branch body above the units; returns each unit's input channels, selected here so that
+    only those travel to the unit's device."""
 
     def __init__(self, tree: SplitTree, units: list[list[int]]) -> None:
         super().__init__()
@@ -61,16 +62,17 @@ class _Shared(nn.Module):
         self.units = units
         prefixes = sorted({tuple(path[:depth]) for path in units for depth in range(1, len(path))})
         self.bodies = nn.ModuleDict({_key(p): _StemOf(_node(tree, list(p))) for p in prefixes})
+        self.selections = nn.ModuleList(_Selection(_node(tree, path)) for path in units)
 
     def forward(self, x: Tensor) -> list[Tensor]:
         features = {(): self.trunk(x)}
         outputs = []
-        for path in self.units:
+        for path, selection in zip(self.units, self.selections):
             for depth in range(1, len(path)):
                 prefix = tuple(path[:depth])
                 if prefix not in features:
                     features[prefix] = self.bodies[_key(prefix)](features[prefix[:-1]])
-            outputs.append(features[tuple(path[:-1])])
+            outputs.append(selection(features[tuple(path[:-1])]))
         return outputs
 
 
@@ -78,27 +80,39 @@ def _key(prefix: tuple[int, ...]) -> str:
     return "_".join(map(str, prefix))
 
 
+class _Selection(nn.Module):
+    """A branch's input channel selection, on its own."""
+
+    def __init__(self, branch: Branch) -> None:
+        super().__init__()
+        self.register_buffer("in_index", branch.in_index, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x if self.in_index is None else select_channels(x, self.in_index)
+
+
 class _StemOf(nn.Module):
     """A branch's own input selection and body, without its sub-branches."""
 
     def __init__(self, branch: Branch) -> None:
         super().__init__()
+        self.selection = _Selection(branch)
         self.body = branch.body
-        self.register_buffer("in_index", branch.in_index, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.body(x if self.in_index is None else select_channels(x, self.in_index))
+        return self.body(self.selection(x))
 
 
 class _Unit(nn.Module):
-    """One distributed subtree: its input from the shared part, its leaves' logits concatenated."""
+    """One subtree as a part of its own, its leaves' logits concatenated. With ``selected`` its input holds only
+    the subtree's own channels (selected where they were made); otherwise its parent's whole output."""
 
-    def __init__(self, branch: Branch) -> None:
+    def __init__(self, branch: Branch, selected: bool = False) -> None:
         super().__init__()
-        self.branch = branch
+        self.branch, self.selected = branch, selected
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.cat(self.branch(x), 1)
+        return torch.cat(self.branch.from_selected(x) if self.selected else self.branch(x), 1)
 
 
 @dataclass(frozen=True)
@@ -119,15 +133,11 @@ class BranchParallel(nn.Module):
         self.devices = [torch.device(d) for d in devices]
         tree = copy.deepcopy(tree).eval()
         units = parallel_units(tree, len(self.devices))
-        costs = [
-            float(count_flops(_Unit(_node(tree, path)).eval(), _unit_input_shape(tree, path, image_shape)))
-            for path in units
-        ]
+        parts = [_Unit(_node(tree, path), selected=True).eval() for path in units]
+        costs = [float(count_flops(part, _unit_input_shape(tree, path, image_shape))) for part, path in zip(parts, units)]
         self.placement = Placement(units, balanced_placement(costs, len(self.devices)), costs)
         self.shared = _Shared(tree, units).to(self.devices[0])
-        self.units = nn.ModuleList(
-            _Unit(_node(tree, path)).to(self.devices[d]) for path, d in zip(units, self.placement.devices)
-        )
+        self.units = nn.ModuleList(part.to(self.devices[d]) for part, d in zip(parts, self.placement.devices))
         order = torch.cat([leaf.classes.cpu() for path in units for leaf in _node(tree, path).leaves()])
         self.register_buffer("class_index", torch.argsort(order).to(self.devices[0]), persistent=False)
         self._pool = ThreadPoolExecutor(max_workers=len(self.units))
@@ -135,15 +145,22 @@ class BranchParallel(nn.Module):
                          for d in self.placement.devices]
         self.eval()
 
-    def _run_unit(self, index: int, x: Tensor, ready: torch.cuda.Event | None) -> Tensor:
-        device, stream = self.devices[self.placement.devices[index]], self._streams[index]
-        if stream is None:
-            return self.units[index](x.to(device)).to(self.devices[0])
-        with torch.cuda.stream(stream):
-            if ready is not None:
-                stream.wait_event(ready)
-            out = self.units[index](x.to(device, non_blocking=True))
-            return out.to(self.devices[0], non_blocking=True)
+    def _device(self, unit: int) -> torch.device:
+        return self.devices[self.placement.devices[unit]]
+
+    def _run_unit(self, index: int, x: Tensor, ready: torch.cuda.Event | None,
+                  autocast: tuple[bool, torch.dtype]) -> Tensor:
+        """Unit ``index`` in a worker thread: grad and autocast modes are per thread, so they are set here."""
+        device, stream = self._device(index), self._streams[index]
+        enabled, dtype = autocast
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=enabled):
+            if stream is None:
+                return self.units[index](x.to(device)).to(self.devices[0])
+            with torch.cuda.stream(stream):
+                if ready is not None:
+                    stream.wait_event(ready)
+                out = self.units[index](x.to(device, non_blocking=True))
+                return out.to(self.devices[0], non_blocking=True)
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
@@ -152,7 +169,10 @@ class BranchParallel(nn.Module):
         if self.devices[0].type == "cuda":
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(self.devices[0]))
-        futures = [self._pool.submit(self._run_unit, i, inp, ready) for i, inp in enumerate(inputs)]
+        autocast = {kind: (torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+                    for kind in {d.type for d in self.devices}}
+        futures = [self._pool.submit(self._run_unit, i, inp, ready, autocast[self._device(i).type])
+                   for i, inp in enumerate(inputs)]
         outputs = [f.result() for f in futures]
         main = torch.cuda.current_stream(self.devices[0]) if self.devices[0].type == "cuda" else None
         for stream, out in zip(self._streams, outputs):
@@ -182,28 +202,16 @@ class PartTimes:
 def measure_parts(model: BranchParallel, images: Tensor, repeats: int = 10) -> PartTimes:
     """Time the shared part and each unit one after another on the first device (median of ``repeats``)."""
     device = model.devices[0]
-
-    def timed(fn) -> float:
-        samples = []
-        for _ in range(repeats + 1):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            samples.append(time.perf_counter() - start)
-        return statistics.median(samples[1:])
-
     with torch.no_grad():
         images = images.to(device)
         inputs = model.shared(images)
         units = [copy.deepcopy(unit).to(device) for unit in model.units]
-        return PartTimes(
-            shared=timed(lambda: model.shared(images)),
-            units=[timed(lambda u=u, x=x: u(x)) for u, x in zip(units, inputs)],
-            input_bytes=[x.numel() * x.element_size() for x in inputs],
-        )
+        steps = {"shared": lambda: model.shared(images)} | {
+            i: (lambda u=u, x=x: u(x)) for i, (u, x) in enumerate(zip(units, inputs))
+        }
+        seconds = {name: 1.0 / per_s for name, per_s in throughputs(steps, 1, device, repeats).items()}
+    return PartTimes(shared=seconds["shared"], units=[seconds[i] for i in range(len(units))],
+                     input_bytes=[x.numel() * x.element_size() for x in inputs])
 
 
 def predict_speedup(times: PartTimes, placement: Sequence[int], devices: int, bandwidth: float) -> float:
@@ -213,6 +221,29 @@ def predict_speedup(times: PartTimes, placement: Sequence[int], devices: int, ba
     for unit, device in enumerate(placement):
         loads[device] += times.units[unit] + (times.input_bytes[unit] / bandwidth if device else 0.0)
     return (times.shared + sum(times.units)) / (times.shared + max(loads))
+
+
+def speed_rows(tree: SplitTree, image_shape: tuple[int, ...], batch: int, device: torch.device,
+               device_counts: Sequence[int], bandwidth: float, repeats: int) -> list[dict]:
+    """For each device count k: the tree's time on one device, its parts' times, the speedup the model predicts on k
+    devices at ``bandwidth`` bytes/s, and the speedup measured on the one device with k streams (threads on a CPU)."""
+    images = torch.randn(batch, *image_shape, device=device).contiguous(memory_format=torch.channels_last)
+    tree = copy.deepcopy(tree).to(device, memory_format=torch.channels_last).eval()
+    rows = []
+    for count in device_counts:
+        model = BranchParallel(tree, [device] * count, image_shape)
+        parts = measure_parts(model, images, repeats)
+        per_s = throughputs({"tree": lambda: tree(images), "streams": lambda: model(images)}, batch, device, repeats)
+        placement = model.placement.devices
+        rows.append({
+            "devices": count, "units": len(parts.units), "tree_ms": round(1e3 * batch / per_s["tree"], 2),
+            "shared_ms": round(1e3 * parts.shared, 2), "unit_ms": " ".join(f"{1e3 * t:.2f}" for t in parts.units),
+            "moved_MB": round(sum(b for b, d in zip(parts.input_bytes, placement) if d) / 1e6, 3),
+            "predicted": round(predict_speedup(parts, placement, count, bandwidth), 3),
+            "predicted_no_transfer": round(predict_speedup(parts, placement, count, float("inf")), 3),
+            "one_device_streams": round(per_s["streams"] / per_s["tree"], 3),
+        })
+    return rows
 
 
 def export_parts(tree: SplitTree, example: Tensor, out_dir: Path, onnx: bool = False) -> Path:
@@ -284,3 +315,45 @@ class OnnxTree:
         logits = [session.run(None, {"input": features})[0] for name, session in self.sessions.items()
                   if name != "trunk"]
         return np.concatenate(logits, 1)[:, self.class_index]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m splitnet.parallel``: the branch-parallel speed model for balanced split trees, one table.
+
+    Per split and device count k: the single-device tree time, the shared part and each unit (one after another
+    on one device), the activation megabytes sent to the other devices, the speedup predicted for k devices at
+    --bandwidth and with free transfers, and, as a check, the speedup BranchParallel measures on the one device
+    with k streams (on a GPU) or threads (on a CPU), where the branches compete for the same device.
+    """
+    parser = argparse.ArgumentParser(prog="python -m splitnet.parallel", description=main.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backbone", default="wrn16_8", choices=sorted(BACKBONES))
+    parser.add_argument("--splits", default="2-2-2,4-4-4,8-8-8", type=lambda s: s.split(","))
+    parser.add_argument("--batch", type=int, help="images per batch (default: 1024 on a GPU, 64 on a CPU)")
+    parser.add_argument("--devices", default="2,4,8", type=lambda s: [int(k) for k in s.split(",")],
+                        help="device counts to predict for")
+    parser.add_argument("--bandwidth", default=50.0, type=float,
+                        help="GB/s between devices (default 50: PCIe 5.0 x16; NVLink 4 carries about 450)")
+    parser.add_argument("--repeats", default=20, type=int)
+    parser.add_argument("--json", type=Path, help="also write the rows and the machine to this file")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    batch = args.batch or (1024 if device.type == "cuda" else 64)
+    config, shape, classes = BACKBONES[args.backbone]
+    dense = instantiate(config, num_classes=classes).eval()
+    rows: list[dict] = []
+    with torch.inference_mode(), bf16_autocast(device, bf16=device.type == "cuda"):
+        for split in args.splits:  # each split's rows are printed and saved as they come
+            measured = [{"model": args.backbone, "split": split, "batch": batch} | row for row in speed_rows(
+                balanced_tree(dense, split), shape, batch, device, args.devices, args.bandwidth * 1e9, args.repeats)]
+            rows += measured
+            print(format_rows(measured), flush=True)
+            if args.json:
+                write_json(args.json, device, vars(args), rows)
+    print(f"\n{device_name(device)}, bandwidth {args.bandwidth:g} GB/s\n" + format_rows(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

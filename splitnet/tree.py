@@ -37,6 +37,10 @@ class Branch(nn.Module):
     def forward(self, x: Tensor) -> list[Tensor]:
         if self.in_index is not None:
             x = select_channels(x, self.in_index)
+        return self.from_selected(x)
+
+    def from_selected(self, x: Tensor) -> list[Tensor]:
+        """The leaves' outputs for this branch's input channels, already selected from its parent's output."""
         x = self.body(x)
         if not self.subbranches:
             return [x]

@@ -1,5 +1,6 @@
-"""Branch-parallel inference and per-part export compute exactly what the tree computes."""
+"""Branch-parallel inference and per-part export compute exactly what the tree computes; the speed model's table."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 from splitnet.backbones import wide_resnet
 from splitnet.parallel import (BranchParallel, ExportedTree, OnnxTree, PartTimes, balanced_placement, export_parts,
                                parallel_units, predict_speedup)
+from splitnet.parallel import main as parallel_main
 from splitnet.plan import parse_groups
 from splitnet.surgery import build_tree, hard_assign
 
@@ -32,10 +34,53 @@ def test_branch_parallel_equals_the_tree(split, devices):
     assert set(parallel.placement.devices) == set(range(devices))  # every device gets work
 
 
+def test_units_run_in_their_threads_under_the_callers_autocast_and_without_grad():
+    tree = make_tree("2-2-2")
+    parallel = BranchParallel(tree, ["cpu"] * 2, (3, 32, 32))
+    modes = []
+    for unit in parallel.units:
+        unit.register_forward_hook(lambda *_: modes.append((torch.is_grad_enabled(), torch.is_autocast_enabled("cpu"))))
+    images = torch.randn(5, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = parallel(images)
+        with torch.no_grad():
+            expected = tree(images)
+    assert modes == [(False, True), (False, True)]
+    assert logits.dtype == torch.bfloat16 and torch.equal(logits, expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (one GPU, a stream per branch)")
+def test_branch_parallel_on_one_gpu_with_streams_equals_the_tree():
+    tree = make_tree("4-4-4").cuda()
+    parallel = BranchParallel(tree, ["cuda"] * 4, (3, 32, 32))
+    images = torch.randn(64, 3, 32, 32, device="cuda")
+    with torch.no_grad():
+        expected = tree(images)
+    for _ in range(3):  # the streams' work is waited for before the logits are gathered, every time
+        torch.testing.assert_close(parallel(images), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_speed_model_table(tmp_path: Path):
+    out = tmp_path / "parallel.json"
+    assert parallel_main(["--device", "cpu", "--backbone", "wrn16_1", "--splits", "2-2-2,1-2-4", "--batch", "4",
+                          "--devices", "2,4", "--repeats", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["split"], r["devices"], r["units"]) for r in rows] == [("2-2-2", 2, 2), ("2-2-2", 4, 2), ("1-2-4", 2, 2),
+                                                                     ("1-2-4", 4, 4)]
+    for row in rows:
+        assert len(row["unit_ms"].split()) == row["units"] and row["moved_MB"] > 0
+        assert row["predicted_no_transfer"] >= row["predicted"] > 0 and row["one_device_streams"] > 0
+
+
 def test_hierarchical_trees_are_distributed_below_the_shared_levels():
     tree = make_tree("1-2-4")
     assert parallel_units(tree, 2) == [[0, 0], [0, 1]]  # stage 2 is one group: shared, stage 3 subtrees spread
     assert parallel_units(tree, 4) == [[0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 1, 1]]
+
+
+def test_more_devices_than_branches_keep_whole_branches_apart():
+    assert parallel_units(make_tree("2-2-2"), 4) == [[0], [1]]  # not their classifiers, with the rest shared
+    assert parallel_units(make_tree("1-1-2"), 2) == [[0, 0, 0], [0, 0, 1]]  # the first fan-out is at the classifier
 
 
 def test_balanced_placement_evens_the_load():
