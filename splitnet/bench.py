@@ -83,6 +83,7 @@ def bf16_autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContex
 
 
 INFERENCE_SETTINGS = ("eager", "channels_last", "compile", "cudagraphs")
+TRAIN_SETTINGS = {"eager": False, "compile": True, "cudagraphs": "reduce-overhead"}  # -> SplitNetModule(compile=...)
 
 
 def prepared(model: nn.Module, setting: str, device: torch.device) -> Callable[[Tensor], Tensor]:
@@ -196,13 +197,14 @@ def lightning_throughput(module: SplitNetModule, data: _RandomImages, args, devi
     return data.batch_size / statistics.median(timer.iterations)
 
 
-def plain_throughput(model: nn.Module, data: _RandomImages, args, device: torch.device, compiled: bool) -> float:
+def plain_throughput(model: nn.Module, data: _RandomImages, args, device: torch.device,
+                     compile_mode: bool | str) -> float:
     """The reference: a plain PyTorch loop (no Lightning) over the same data pipeline."""
     model = copy.deepcopy(model).to(device).train()
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    run = torch.compile(model) if compiled else model
+    run = torch.compile(model, mode=None if compile_mode is True else compile_mode) if compile_mode else model
     loader = itertools.cycle(data.train_dataloader())
 
     def step() -> None:
@@ -231,13 +233,14 @@ def training_rows(args: argparse.Namespace, device: torch.device) -> Iterator[li
         epoch_data = _RandomImages(shape, classes, batch * args.epoch_steps, batch_size=batch)
         rows = []
         for setting in args.train_settings:
-            compiled, suffix = setting == "compile", " compile" if setting == "compile" else ""
+            compile_mode, suffix = TRAIN_SETTINGS[setting], "" if setting == "eager" else f" {setting}"
 
             def module(split: str) -> SplitNetModule:
                 split_cfg = {"groups": split, "assign": "balanced", "gamma1": 1.0, "gamma2": 1.0, "gamma3": 10.0}
-                return SplitNetModule(config, classes, split_cfg, SCHEDULE, args.channels_last, compiled)
+                return SplitNetModule(config, classes, split_cfg, SCHEDULE, args.channels_last, compile_mode)
 
-            measured = {("plain loop", "dense"): plain_throughput(module("none").net, data, args, device, compiled)}
+            plain = plain_throughput(module("none").net, data, args, device, compile_mode)
+            measured = {("plain loop", "dense"): plain}
             measured["lightning", "dense"] = lightning_throughput(module("none"), data, args, device)
             if args.epoch_steps:
                 measured["lightning whole epoch", "dense"] = lightning_throughput(module("none"), epoch_data, args,
@@ -281,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", default=None, type=lambda s: s.split(","),
                         help=f"inference settings: {', '.join(INFERENCE_SETTINGS)}")
     parser.add_argument("--train-settings", default="eager", type=lambda s: s.split(","),
-                        help="training settings: eager, compile (torch.compile for the plain loop and every module)")
+                        help="training settings: eager, compile, cudagraphs (torch.compile, mode reduce-overhead), "
+                             "for the plain loop and every module")
     parser.add_argument("--epoch-steps", default=None, type=int,
                         help="steps of the whole-epoch measurement (default: 100 on a GPU, 10 on a CPU; 0: none)")
     parser.add_argument("--repeats", default=10, type=int)
@@ -307,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     args.train_batches = args.train_batches or ([128, 512] if gpu else [32])
     args.settings = args.settings or (["eager", "channels_last", "compile"] + (["cudagraphs"] if gpu else []))
     for option, given, known in (("--settings", args.settings, INFERENCE_SETTINGS),
-                                 ("--train-settings", args.train_settings, ("eager", "compile"))):
+                                 ("--train-settings", args.train_settings, tuple(TRAIN_SETTINGS))):
         if set(given) - set(known):
             parser.error(f"{option} {', '.join(sorted(set(given) - set(known)))}: not one of {', '.join(known)}")
     parts = ([] if args.skip_inference else [inference_rows(args, device)]) + (

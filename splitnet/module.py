@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from splitnet.errors import ConfigError
 from splitnet.grouping import GroupAssignments, RegulariserTerms
 from splitnet.plan import SplitConfigError, parse_groups
 from splitnet.schedule import build_optimizer, check_schedule
@@ -39,12 +40,13 @@ class SplitNetModule(pl.LightningModule):
         split: ``groups`` (e.g. ``"2-2-2"``), ``assign`` (argmax / balanced / random), ``gamma1..3``, ``seed``.
         schedule: per-phase optimiser settings, ``group`` and ``finetune`` (see ``conf/schedule``).
         channels_last: keep the network and its inputs in channels-last memory format.
-        compile: run the network through ``torch.compile`` (compiled again after the split).
+        compile: run the network through ``torch.compile`` (compiled again after the split): true, or one of its
+            modes, e.g. ``reduce-overhead`` (CUDA graphs).
     """
 
     def __init__(
         self, backbone: dict, num_classes: int, split: dict, schedule: dict, channels_last: bool = False,
-        compile: bool = False,
+        compile: bool | str = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -69,7 +71,12 @@ class SplitNetModule(pl.LightningModule):
         if self.hparams.channels_last:
             self.net.to(memory_format=torch.channels_last)
         # kept outside the module tree so that checkpoints hold the plain network's keys
-        object.__setattr__(self, "_compiled_net", torch.compile(self.net) if self.hparams.compile else None)
+        mode = self.hparams.compile
+        try:
+            compiled = torch.compile(self.net, mode=None if mode is True else mode) if mode else None
+        except RuntimeError as error:  # an unknown mode
+            raise ConfigError(f"model.compile={mode!r}: {error}") from None
+        object.__setattr__(self, "_compiled_net", compiled)
 
     def _run(self, images: Tensor) -> Tensor:
         if self.hparams.channels_last:

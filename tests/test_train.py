@@ -151,6 +151,7 @@ def test_ckpt_path_auto_resumes_only_where_there_is_a_checkpoint(tmp_path: Path)
         (("schedule.group.assignment_commit=1.5",), "schedule.group.assignment_commit=1.5: must be a share"),
         (("data.val_size=-3",), "data.val_size=-3: must be between 0 and the 2000 training images"),
         (("backbone.depth=15",), "backbone.depth=15: a Wide ResNet has depth 6n+4"),
+        (("model.compile=turbo",), "model.compile='turbo': Unrecognized mode=turbo"),
     ],
 )
 def test_bad_config_fails_with_its_message(tmp_path: Path, overrides: tuple[str, ...], message: str):
