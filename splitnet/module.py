@@ -67,16 +67,19 @@ class SplitNetModule(pl.LightningModule):
         self._prepare_net()
 
     def _prepare_net(self) -> None:
-        """Apply the memory format and compilation settings to the current network."""
+        """Apply the memory format and compilation settings to the current network (and to the regularisers: their
+        many small operations fuse into a few kernels)."""
         if self.hparams.channels_last:
             self.net.to(memory_format=torch.channels_last)
-        # kept outside the module tree so that checkpoints hold the plain network's keys
         mode = self.hparams.compile
         try:
             compiled = torch.compile(self.net, mode=None if mode is True else mode) if mode else None
         except RuntimeError as error:  # an unknown mode
             raise ConfigError(f"model.compile={mode!r}: {error}") from None
+        regularisers = self.grouping.regularisers if self.grouping is not None else None
+        # both kept outside the module tree so that checkpoints hold the plain network's keys
         object.__setattr__(self, "_compiled_net", compiled)
+        object.__setattr__(self, "_regularisers", torch.compile(regularisers) if mode and regularisers else regularisers)
 
     def _run(self, images: Tensor) -> Tensor:
         if self.hparams.channels_last:
@@ -118,7 +121,7 @@ class SplitNetModule(pl.LightningModule):
         phase = self.phase
         self.log(f"{phase}/train_ce", loss)
         if phase == GROUP and self.grouping is not None:
-            terms = self.grouping.regularisers(self.net)
+            terms = self._regularisers(self.net)
             loss = loss + self.regularisation(terms)
             self.log_dict(
                 {f"{phase}/disjoint": terms.disjoint, f"{phase}/group_weight": terms.group_weight,
