@@ -226,22 +226,28 @@ def predict_speedup(times: PartTimes, placement: Sequence[int], devices: int, ba
 def speed_rows(tree: SplitTree, image_shape: tuple[int, ...], batch: int, device: torch.device,
                device_counts: Sequence[int], bandwidth: float, repeats: int) -> list[dict]:
     """For each device count k: the tree's time on one device, its parts' times, the speedup the model predicts on k
-    devices at ``bandwidth`` bytes/s, and the speedup measured on the one device with k streams (threads on a CPU)."""
+    devices at ``bandwidth`` bytes/s, and the speedup measured on the one device with k streams (threads on a CPU).
+
+    The threaded runs come last: on a CPU, worker threads that have run keep intra-op thread pools of their own,
+    which would slow every later measurement in the calling thread.
+    """
     images = torch.randn(batch, *image_shape, device=device).contiguous(memory_format=torch.channels_last)
     tree = copy.deepcopy(tree).to(device, memory_format=torch.channels_last).eval()
+    models = {count: BranchParallel(tree, [device] * count, image_shape) for count in device_counts}
+    tree_s = batch / throughputs({"tree": lambda: tree(images)}, batch, device, repeats)["tree"]
+    parts = {count: measure_parts(model, images, repeats) for count, model in models.items()}
+    threaded = throughputs({count: (lambda m=model: m(images)) for count, model in models.items()}, batch, device,
+                           repeats)
     rows = []
-    for count in device_counts:
-        model = BranchParallel(tree, [device] * count, image_shape)
-        parts = measure_parts(model, images, repeats)
-        per_s = throughputs({"tree": lambda: tree(images), "streams": lambda: model(images)}, batch, device, repeats)
-        placement = model.placement.devices
+    for count, model in models.items():
+        times, placement = parts[count], model.placement.devices
         rows.append({
-            "devices": count, "units": len(parts.units), "tree_ms": round(1e3 * batch / per_s["tree"], 2),
-            "shared_ms": round(1e3 * parts.shared, 2), "unit_ms": " ".join(f"{1e3 * t:.2f}" for t in parts.units),
-            "moved_MB": round(sum(b for b, d in zip(parts.input_bytes, placement) if d) / 1e6, 3),
-            "predicted": round(predict_speedup(parts, placement, count, bandwidth), 3),
-            "predicted_no_transfer": round(predict_speedup(parts, placement, count, float("inf")), 3),
-            "one_device_streams": round(per_s["streams"] / per_s["tree"], 3),
+            "devices": count, "units": len(times.units), "tree_ms": round(1e3 * tree_s, 2),
+            "shared_ms": round(1e3 * times.shared, 2), "unit_ms": " ".join(f"{1e3 * t:.2f}" for t in times.units),
+            "moved_MB": round(sum(b for b, d in zip(times.input_bytes, placement) if d) / 1e6, 3),
+            "predicted": round(predict_speedup(times, placement, count, bandwidth), 3),
+            "predicted_no_transfer": round(predict_speedup(times, placement, count, float("inf")), 3),
+            "one_device_streams": round(threaded[count] * tree_s / batch, 3),
         })
     return rows
 
