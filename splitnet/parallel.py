@@ -7,9 +7,10 @@ GPU, a thread per device on CPUs) and only the logits come back, in class order.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,64 +123,120 @@ class Placement:
     costs: list[float]
 
 
+TRUNK_MODES = ("first", "split")
+
+
 class BranchParallel(nn.Module):
     """Run a split tree with its subtrees on ``devices``; the output equals the tree's (same classes, same order).
 
-    Subtrees are placed by their FLOPs so that the devices carry even loads.
+    Subtrees are placed by their FLOPs so that the devices carry even loads. ``trunk="first"`` runs the shared part
+    (the trunk, and for hierarchical splits the bodies above the subtrees) on the first device; ``"split"``
+    replicates it on every device, each running it on its slice of the batch, and every subtree gathers its
+    channels from all slices.
     """
 
-    def __init__(self, tree: SplitTree, devices: Sequence[str | torch.device], image_shape: tuple[int, ...]) -> None:
+    def __init__(self, tree: SplitTree, devices: Sequence[str | torch.device], image_shape: tuple[int, ...],
+                 trunk: str = "first") -> None:
         super().__init__()
+        if trunk not in TRUNK_MODES:
+            raise ValueError(f"trunk={trunk!r}: not one of {', '.join(TRUNK_MODES)}")
         self.devices = [torch.device(d) for d in devices]
+        self.trunk = trunk
         tree = copy.deepcopy(tree).eval()
         units = parallel_units(tree, len(self.devices))
         parts = [_Unit(_node(tree, path), selected=True).eval() for path in units]
         costs = [float(count_flops(part, _unit_input_shape(tree, path, image_shape))) for part, path in zip(parts, units)]
         self.placement = Placement(units, balanced_placement(costs, len(self.devices)), costs)
-        self.shared = _Shared(tree, units).to(self.devices[0])
+        shared = _Shared(tree, units).to(self.devices[0])
+        replicas = self.devices if trunk == "split" else self.devices[:1]
+        self.replicas = nn.ModuleList([shared] + [copy.deepcopy(shared).to(d) for d in replicas[1:]])
         self.units = nn.ModuleList(part.to(self.devices[d]) for part, d in zip(parts, self.placement.devices))
         order = torch.cat([leaf.classes.cpu() for path in units for leaf in _node(tree, path).leaves()])
         self.register_buffer("class_index", torch.argsort(order).to(self.devices[0]), persistent=False)
-        self._pool = ThreadPoolExecutor(max_workers=len(self.units))
-        self._streams = [torch.cuda.Stream(self.devices[d]) if self.devices[d].type == "cuda" else None
-                         for d in self.placement.devices]
+        self._pool = ThreadPoolExecutor(max_workers=max(len(self.units), len(self.replicas)))
+        self._unit_streams = [_side_stream(self._device(u)) for u in range(len(self.units))]
+        self._replica_streams = [_side_stream(d) for d in replicas]
         self.eval()
+
+    @property
+    def shared(self) -> nn.Module:
+        """The shared part on the first device."""
+        return self.replicas[0]
 
     def _device(self, unit: int) -> torch.device:
         return self.devices[self.placement.devices[unit]]
 
-    def _run_unit(self, index: int, x: Tensor, ready: torch.cuda.Event | None,
-                  autocast: tuple[bool, torch.dtype]) -> Tensor:
-        """Unit ``index`` in a worker thread: grad and autocast modes are per thread, so they are set here."""
-        device, stream = self._device(index), self._streams[index]
-        enabled, dtype = autocast
-        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=enabled):
-            if stream is None:
-                return self.units[index](x.to(device)).to(self.devices[0])
-            with torch.cuda.stream(stream):
-                if ready is not None:
-                    stream.wait_event(ready)
-                out = self.units[index](x.to(device, non_blocking=True))
-                return out.to(self.devices[0], non_blocking=True)
+    def _run_replica(self, index: int, x: Tensor, ready: torch.cuda.Event | None,
+                     modes: dict[str, tuple[bool, torch.dtype]]) -> tuple[list[Tensor], torch.cuda.Event | None]:
+        """The shared part on device ``index`` for its slice ``x`` of the batch; its units' inputs and a done event."""
+        device, stream = self.devices[index], self._replica_streams[index]
+        with _worker_modes(device, modes), _on(stream, ready):
+            inputs = self.replicas[index](x.to(device, non_blocking=True))
+            return inputs, _recorded(stream)
+
+    def _run_unit(self, index: int, slices: list[Tensor], done: list[torch.cuda.Event | None],
+                  modes: dict[str, tuple[bool, torch.dtype]]) -> Tensor:
+        """Unit ``index`` on its input gathered from every slice of the batch; its logits on the first device."""
+        device, stream = self._device(index), self._unit_streams[index]
+        with _worker_modes(device, modes), _on(stream, *done):
+            if stream is not None:
+                for part in slices:  # made on another stream: not to be freed before this one has read it
+                    part.record_stream(stream)
+            x = torch.cat([part.to(device, non_blocking=True) for part in slices])
+            return self.units[index](x).to(self.devices[0], non_blocking=True)
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
-        inputs = self.shared(x.to(self.devices[0]))
-        ready = None
-        if self.devices[0].type == "cuda":
-            ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(self.devices[0]))
-        autocast = {kind: (torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
-                    for kind in {d.type for d in self.devices}}
-        futures = [self._pool.submit(self._run_unit, i, inp, ready, autocast[self._device(i).type])
-                   for i, inp in enumerate(inputs)]
+        x = x.to(self.devices[0])
+        ready = _recorded(torch.cuda.current_stream(self.devices[0])) if self.devices[0].type == "cuda" else None
+        modes = {kind: (torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+                 for kind in {d.type for d in self.devices}}
+        chunks = torch.tensor_split(x, len(self.replicas))
+        replicas = [self._pool.submit(self._run_replica, i, chunk, ready, modes) for i, chunk in enumerate(chunks)]
+        sliced, done = zip(*(f.result() for f in replicas))
+        futures = [self._pool.submit(self._run_unit, u, [inputs[u] for inputs in sliced], list(done), modes)
+                   for u in range(len(self.units))]
         outputs = [f.result() for f in futures]
-        main = torch.cuda.current_stream(self.devices[0]) if self.devices[0].type == "cuda" else None
-        for stream, out in zip(self._streams, outputs):
-            if stream is not None:
-                main.wait_stream(stream)
-                out.record_stream(main)  # made on a side stream, consumed and freed on the main one
+        if self.devices[0].type == "cuda":
+            main = torch.cuda.current_stream(self.devices[0])
+            for stream, out in zip(self._unit_streams, outputs):
+                if stream is not None:
+                    main.wait_stream(stream)
+                    out.record_stream(main)  # made on a side stream, consumed and freed on the main one
         return torch.cat(outputs, 1).index_select(1, self.class_index)
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream | None:
+    return torch.cuda.Stream(device) if device.type == "cuda" else None
+
+
+def _recorded(stream: torch.cuda.Stream | None) -> torch.cuda.Event | None:
+    if stream is None:
+        return None
+    event = torch.cuda.Event()
+    event.record(stream)
+    return event
+
+
+@contextlib.contextmanager
+def _on(stream: torch.cuda.Stream | None, *events: torch.cuda.Event | None) -> Iterator[None]:
+    """Work on ``stream`` (if any) once ``events`` have happened."""
+    if stream is None:
+        yield
+        return
+    with torch.cuda.stream(stream):
+        for event in events:
+            if event is not None:
+                stream.wait_event(event)
+        yield
+
+
+@contextlib.contextmanager
+def _worker_modes(device: torch.device, modes: dict[str, tuple[bool, torch.dtype]]) -> Iterator[None]:
+    """No grad and the caller's autocast, in a worker thread (both are per thread)."""
+    enabled, dtype = modes[device.type]
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=enabled):
+        yield
 
 
 def _unit_input_shape(tree: SplitTree, path: list[int], image_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -214,40 +271,50 @@ def measure_parts(model: BranchParallel, images: Tensor, repeats: int = 10) -> P
                      input_bytes=[x.numel() * x.element_size() for x in inputs])
 
 
-def predict_speedup(times: PartTimes, placement: Sequence[int], devices: int, bandwidth: float) -> float:
+def predict_speedup(times: PartTimes, placement: Sequence[int], devices: int, bandwidth: float,
+                    trunk: str = "first") -> float:
     """Speedup of ``devices`` devices over one: the shared part, then the busiest device (its units plus the
-    transfer of their inputs at ``bandwidth`` bytes/s when it is not the first device)."""
+    transfer of their inputs at ``bandwidth`` bytes/s). With ``trunk="first"`` the shared part runs on the first
+    device and the inputs of units elsewhere travel whole; with ``"split"`` every device runs it on its share of the
+    batch, and each unit's input arrives from the other devices' shares."""
     loads = [0.0] * devices
     for unit, device in enumerate(placement):
-        loads[device] += times.units[unit] + (times.input_bytes[unit] / bandwidth if device else 0.0)
-    return (times.shared + sum(times.units)) / (times.shared + max(loads))
+        moved = (devices - 1) / devices if trunk == "split" else float(device != 0)
+        loads[device] += times.units[unit] + moved * times.input_bytes[unit] / bandwidth
+    shared = times.shared / devices if trunk == "split" else times.shared
+    return (times.shared + sum(times.units)) / (shared + max(loads))
 
 
 def speed_rows(tree: SplitTree, image_shape: tuple[int, ...], batch: int, device: torch.device,
                device_counts: Sequence[int], bandwidth: float, repeats: int) -> list[dict]:
-    """For each device count k: the tree's time on one device, its parts' times, the speedup the model predicts on k
-    devices at ``bandwidth`` bytes/s, and the speedup measured on the one device with k streams (threads on a CPU).
+    """For each device count k: the tree's time on one device, its parts' times, the speedups the model predicts on
+    k devices at ``bandwidth`` bytes/s (shared part on the first device, and split over all), and those measured
+    on the one device with k streams (threads on a CPU).
 
     The threaded runs come last: on a CPU, worker threads that have run keep intra-op thread pools of their own,
     which would slow every later measurement in the calling thread.
     """
     images = torch.randn(batch, *image_shape, device=device).contiguous(memory_format=torch.channels_last)
     tree = copy.deepcopy(tree).to(device, memory_format=torch.channels_last).eval()
-    models = {count: BranchParallel(tree, [device] * count, image_shape) for count in device_counts}
+    models = {(count, trunk): BranchParallel(tree, [device] * count, image_shape, trunk)
+              for count in device_counts for trunk in TRUNK_MODES}
     tree_s = batch / throughputs({"tree": lambda: tree(images)}, batch, device, repeats)["tree"]
-    parts = {count: measure_parts(model, images, repeats) for count, model in models.items()}
-    threaded = throughputs({count: (lambda m=model: m(images)) for count, model in models.items()}, batch, device,
+    parts = {count: measure_parts(models[count, "first"], images, repeats) for count in device_counts}
+    threaded = throughputs({key: (lambda m=model: m(images)) for key, model in models.items()}, batch, device,
                            repeats)
     rows = []
-    for count, model in models.items():
-        times, placement = parts[count], model.placement.devices
+    for count in device_counts:
+        times, placement = parts[count], models[count, "first"].placement.devices
+        moved = sum(b for b, d in zip(times.input_bytes, placement) if d)
         rows.append({
             "devices": count, "units": len(times.units), "tree_ms": round(1e3 * tree_s, 2),
             "shared_ms": round(1e3 * times.shared, 2), "unit_ms": " ".join(f"{1e3 * t:.2f}" for t in times.units),
-            "moved_MB": round(sum(b for b, d in zip(times.input_bytes, placement) if d) / 1e6, 3),
+            "moved_MB": round(moved / 1e6, 3),
             "predicted": round(predict_speedup(times, placement, count, bandwidth), 3),
             "predicted_no_transfer": round(predict_speedup(times, placement, count, float("inf")), 3),
-            "one_device_streams": round(threaded[count] * tree_s / batch, 3),
+            "predicted_split_trunk": round(predict_speedup(times, placement, count, bandwidth, "split"), 3),
+            "one_device_streams": round(threaded[count, "first"] * tree_s / batch, 3),
+            "one_device_streams_split_trunk": round(threaded[count, "split"] * tree_s / batch, 3),
         })
     return rows
 

@@ -23,15 +23,30 @@ def make_tree(split: str, method: str = "random"):
     return build_tree(model, model.split_plan, hard_assign(groups, probs, method, seed=3)).eval()
 
 
+@pytest.mark.parametrize("trunk", ["first", "split"])
 @pytest.mark.parametrize("split, devices", [("2-2-2", 2), ("4-4-4", 2), ("4-4-4", 3), ("1-2-4", 2), ("1-1-2", 2),
                                             ("2-4-8", 4)])
-def test_branch_parallel_equals_the_tree(split, devices):
+def test_branch_parallel_equals_the_tree(split, devices, trunk):
     tree = make_tree(split)
-    parallel = BranchParallel(tree, ["cpu"] * devices, (3, 32, 32))
-    images = torch.randn(5, 3, 32, 32)
+    parallel = BranchParallel(tree, ["cpu"] * devices, (3, 32, 32), trunk=trunk)
+    images = torch.randn(5, 3, 32, 32)  # split trunk: slices of 3 and 2, of 2, 2 and 1, ...
     with torch.no_grad():
-        assert torch.equal(parallel(images), tree(images))
+        torch.testing.assert_close(parallel(images), tree(images), rtol=0, atol=1e-6)
     assert set(parallel.placement.devices) == set(range(devices))  # every device gets work
+    assert len(parallel.replicas) == (devices if trunk == "split" else 1)
+
+
+def test_split_trunk_with_fewer_images_than_devices():
+    tree = make_tree("4-4-4")
+    parallel = BranchParallel(tree, ["cpu"] * 4, (3, 32, 32), trunk="split")
+    images = torch.randn(3, 3, 32, 32)  # one device gets an empty slice
+    with torch.no_grad():
+        torch.testing.assert_close(parallel(images), tree(images), rtol=0, atol=1e-6)
+
+
+def test_unknown_trunk_mode_is_named():
+    with pytest.raises(ValueError, match="trunk='both': not one of first, split"):
+        BranchParallel(make_tree("2-2-2"), ["cpu"] * 2, (3, 32, 32), trunk="both")
 
 
 def test_units_run_in_their_threads_under_the_callers_autocast_and_without_grad():
@@ -56,8 +71,10 @@ def test_branch_parallel_on_one_gpu_with_streams_equals_the_tree():
     images = torch.randn(64, 3, 32, 32, device="cuda")
     with torch.no_grad():
         expected = tree(images)
+    split_trunk = BranchParallel(tree, ["cuda"] * 4, (3, 32, 32), trunk="split")
     for _ in range(3):  # the streams' work is waited for before the logits are gathered, every time
         torch.testing.assert_close(parallel(images), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(split_trunk(images), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_speed_model_table(tmp_path: Path):
@@ -69,7 +86,8 @@ def test_speed_model_table(tmp_path: Path):
                                                                      ("1-2-4", 4, 4)]
     for row in rows:
         assert len(row["unit_ms"].split()) == row["units"] and row["moved_MB"] > 0
-        assert row["predicted_no_transfer"] >= row["predicted"] > 0 and row["one_device_streams"] > 0
+        assert row["predicted_no_transfer"] >= row["predicted"] > 0 and row["predicted_split_trunk"] > 0
+        assert row["one_device_streams"] > 0 and row["one_device_streams_split_trunk"] > 0
 
 
 def test_hierarchical_trees_are_distributed_below_the_shared_levels():
@@ -93,6 +111,9 @@ def test_speed_model():
     assert predict_speedup(times, [0, 0, 0, 0], 1, bandwidth=1e9) == pytest.approx(1.0)
     assert predict_speedup(times, [0, 1, 0, 1], 2, bandwidth=float("inf")) == pytest.approx(9 / 5)
     assert predict_speedup(times, [0, 1, 2, 3], 4, bandwidth=100.0) == pytest.approx(9 / 4)  # 1 s per transfer
+    # the shared part split four ways (0.25 s), each unit's input arriving three quarters from elsewhere (0.75 s)
+    assert predict_speedup(times, [0, 1, 2, 3], 4, bandwidth=100.0, trunk="split") == pytest.approx(9 / 3)
+    assert predict_speedup(times, [0, 1, 2, 3], 4, bandwidth=float("inf"), trunk="split") == pytest.approx(9 / 2.25)
 
 
 @pytest.mark.parametrize("split, onnx", [("2-2-2", True), ("1-2-4", False)])

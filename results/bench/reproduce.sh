@@ -2,7 +2,7 @@
 # The tables of README's "Speed" and "Branch-parallel inference" sections, measured on this machine's device
 # (DEVICE: cuda if there is one, else cpu), each written to RESULTS (default: this folder) as soon as it is measured.
 #
-#   bash results/bench/reproduce.sh [TABLE ...]     TABLE: wrn, parallel, resnet18 (default: all three)
+#   bash results/bench/reproduce.sh [TABLE ...]     TABLE: wrn, train-compile, parallel, resnet18 (default: all)
 #
 # Each table's JSON is rewritten after every batch size (or split), so a run cut short keeps what it measured.
 set -eu
@@ -11,14 +11,16 @@ RESULTS=${RESULTS:-results/bench}
 DEVICE=${DEVICE:-$(python -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}
 REPEATS=${REPEATS:-12}
 mkdir -p "$RESULTS"
-for table in ${*:-wrn parallel resnet18}; do
+for table in ${*:-wrn train-compile parallel resnet18}; do
     case $table in
-        wrn)       python -m splitnet.bench --device "$DEVICE" --repeats "$REPEATS" --json "$RESULTS/$DEVICE.json" ;;
-        parallel)  python -m splitnet.parallel --device "$DEVICE" --repeats "$REPEATS" \
-                       --json "$RESULTS/parallel_$DEVICE.json" ;;
-        resnet18)  python -m splitnet.bench --device "$DEVICE" --backbone resnet18 --splits 2-2-2,4-4-4 \
-                       --infer-batches 256 --train-batches 128 --settings channels_last,compile \
-                       --repeats "$REPEATS" --json "$RESULTS/resnet18_$DEVICE.json" ;;
-        *) echo "unknown table '$table': one of wrn, parallel, resnet18" >&2; exit 2 ;;
+        wrn)            python -m splitnet.bench --device "$DEVICE" --repeats "$REPEATS" --json "$RESULTS/$DEVICE.json" ;;
+        train-compile)  python -m splitnet.bench --device "$DEVICE" --skip-inference --train-settings eager,compile \
+                            --repeats "$REPEATS" --json "$RESULTS/${DEVICE}_train_compile.json" ;;
+        parallel)       python -m splitnet.parallel --device "$DEVICE" --repeats "$REPEATS" \
+                            --json "$RESULTS/parallel_$DEVICE.json" ;;
+        resnet18)       python -m splitnet.bench --device "$DEVICE" --backbone resnet18 --splits 2-2-2,4-4-4 \
+                            --infer-batches 256 --train-batches 128 --settings channels_last,compile \
+                            --repeats "$REPEATS" --json "$RESULTS/resnet18_$DEVICE.json" ;;
+        *) echo "unknown table '$table': one of wrn, train-compile, parallel, resnet18" >&2; exit 2 ;;
     esac
 done
