@@ -205,3 +205,17 @@ def test_compiled_network_trains_through_the_split(tmp_path: Path):
     assert read_summary(tmp_path)["epochs"] == 2
     state = final_state(tmp_path)
     assert any(key.startswith("net.branches.") for key in state) and not any("_orig_mod" in key for key in state)
+
+
+def test_the_main_job_needs_none_of_the_optional_packages(tmp_path: Path):
+    """The GPU kit has no wandb, tensorboard, onnx or webdataset (../shared/gpu/README.md): a run must not import them."""
+    optional = ["wandb", "tensorboard", "onnx", "onnxruntime", "onnxscript", "webdataset"]
+    script = (
+        "import runpy, sys\n"
+        f"sys.modules.update(dict.fromkeys({optional!r}))  # None: importing them fails, as if not installed\n"
+        f"sys.argv = ['train.py', 'hydra.run.dir={tmp_path}', *{list(SMOKE)!r}]\n"
+        "runpy.run_path('train.py', run_name='__main__')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert set(read_summary(tmp_path)["test_acc"]) == {"group", "split", "finetune"}
