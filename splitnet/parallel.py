@@ -145,7 +145,8 @@ class BranchParallel(nn.Module):
         tree = copy.deepcopy(tree).eval()
         units = parallel_units(tree, len(self.devices))
         parts = [_Unit(_node(tree, path), selected=True).eval() for path in units]
-        costs = [float(count_flops(part, _unit_input_shape(tree, path, image_shape))) for part, path in zip(parts, units)]
+        costs = [float(count_flops(part, _unit_input_shape(tree, path, image_shape)))
+                 for part, path in zip(parts, units)]
         self.placement = Placement(units, balanced_placement(costs, len(self.devices)), costs)
         shared = _Shared(tree, units).to(self.devices[0])
         replicas = self.devices if trunk == "split" else self.devices[:1]
@@ -395,8 +396,9 @@ def main(argv: list[str] | None = None) -> int:
 
     Per split and device count k: the single-device tree time, the shared part and each unit (one after another
     on one device), the activation megabytes sent to the other devices, the speedup predicted for k devices at
-    --bandwidth and with free transfers, and, as a check, the speedup BranchParallel measures on the one device
-    with k streams (on a GPU) or threads (on a CPU), where the branches compete for the same device.
+    --bandwidth (the shared part on the first device, the same with free transfers, and the shared part split
+    over the devices by batch), and, as a check, the speedups BranchParallel measures in both trunk modes on the
+    one device with k streams (on a GPU) or threads (on a CPU), where the parts compete for the same device.
     """
     parser = argparse.ArgumentParser(prog="python -m splitnet.parallel", description=main.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

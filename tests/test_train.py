@@ -208,7 +208,7 @@ def test_compiled_network_trains_through_the_split(tmp_path: Path):
 
 
 def test_the_main_job_needs_none_of_the_optional_packages(tmp_path: Path):
-    """The GPU kit has no wandb, tensorboard, onnx or webdataset (../shared/gpu/README.md): a run must not import them."""
+    """The GPU kit has no wandb, tensorboard, onnx or webdataset (../shared/gpu/README.md): a run must not need them."""
     optional = ["wandb", "tensorboard", "onnx", "onnxruntime", "onnxscript", "webdataset"]
     script = (
         "import runpy, sys\n"

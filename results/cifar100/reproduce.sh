@@ -7,7 +7,8 @@
 # (ckpt_path=auto) and a finished run is skipped, so with TIME_LIMIT (seconds for this whole call) the
 # same command, called again, goes on where the last call stopped. When every run has its summary.json,
 # the summaries are copied unedited to RESULTS (default: this folder) and the report table is printed
-# (also written to LOGS/report.csv and report_mean.csv).
+# (also written to LOGS/report.csv and report_mean.csv). With COPY_TO, every call ends by copying all run
+# directories but their checkpoints there (summaries, pictures, metrics, logs).
 set -u
 cd "$(dirname "$0")/../.."
 LOGS=${LOGS:-logs/cifar100}
@@ -30,8 +31,7 @@ run() {  # NAME OVERRIDE...: one training, until it ends or the deadline comes
 export -f run
 export LOGS DEADLINE
 
-xargs -P "$PARALLEL" -I{} bash -c 'run {} "$@"' _ "$@" <<EOF
-dense_s0 split=none seed=0
+RUNS="dense_s0 split=none seed=0
 learned_2-2-2_s0 split=2-2-2 seed=0
 random_2-2-2_s0 split=2-2-2 $RANDOM_SPLIT seed=0
 dense_s1 split=none seed=1
@@ -39,13 +39,16 @@ learned_2-2-2_s1 split=2-2-2 seed=1
 random_2-2-2_s1 split=2-2-2 $RANDOM_SPLIT seed=1
 learned_4-4-4_s0 split=4-4-4 seed=0
 learned_1-2-4_s0 split=1-2-4 seed=0
-learned_1-1-2_s0 split=1-1-2 seed=0
-EOF
+learned_1-1-2_s0 split=1-1-2 seed=0"
+xargs -P "$PARALLEL" -I{} bash -c 'run {} "$@"' _ "$@" <<< "$RUNS"
 
-missing=$(for d in "$LOGS"/*/; do [ -f "$d/summary.json" ] || basename "$d"; done)
+if [ -n "${COPY_TO:-}" ] && [ -d "$LOGS" ]; then  # every run's outputs but its checkpoints, e.g. off a machine soon gone
+    mkdir -p "$COPY_TO" && tar -C "$LOGS" --exclude=checkpoints -cf - . | tar -C "$COPY_TO" -xf -
+fi
+missing=$(while read -r name _; do [ -f "$LOGS/$name/summary.json" ] || echo "$name"; done <<< "$RUNS")
 if [ -n "$missing" ]; then
     echo "not finished yet:" $missing "(call again to go on)"
     exit 0
 fi
-for d in "$LOGS"/*/; do cp "$d/summary.json" "$RESULTS/$(basename "$d").json"; done
+while read -r name _; do cp "$LOGS/$name/summary.json" "$RESULTS/$name.json"; done <<< "$RUNS"
 python -m splitnet.report "$LOGS"
