@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from splitnet.data.base import ImageTensorDataModule
-from splitnet.module import SplitNetModule
+from splitnet.module import SplitNetModule, compiled
 from splitnet.plan import parse_groups
 from splitnet.report import count_flops, count_params, format_rows
 from splitnet.surgery import build_tree, hard_assign
@@ -204,7 +204,7 @@ def plain_throughput(model: nn.Module, data: _RandomImages, args, device: torch.
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    run = torch.compile(model, mode=None if compile_mode is True else compile_mode) if compile_mode else model
+    run = compiled(model, compile_mode) if compile_mode else model
     loader = itertools.cycle(data.train_dataloader())
 
     def step() -> None:

@@ -27,6 +27,17 @@ def set_dropout(model: nn.Module, p: float) -> None:
             module.p = p
 
 
+def compiled(model: nn.Module, mode: bool | str) -> nn.Module | None:
+    """``model`` through ``torch.compile``: ``mode`` true for its default mode or a mode's name; None if ``mode`` is
+    false. An unknown mode is a ConfigError naming ``model.compile``."""
+    if not mode:
+        return None
+    try:
+        return torch.compile(model, mode=None if mode is True else mode)
+    except RuntimeError as error:  # an unknown mode
+        raise ConfigError(f"model.compile={mode!r}: {error}") from None
+
+
 class SplitNetModule(pl.LightningModule):
     """Trains a backbone through SplitNet's phases; which phase it is in follows from its own state.
 
@@ -72,13 +83,9 @@ class SplitNetModule(pl.LightningModule):
         if self.hparams.channels_last:
             self.net.to(memory_format=torch.channels_last)
         mode = self.hparams.compile
-        try:
-            compiled = torch.compile(self.net, mode=None if mode is True else mode) if mode else None
-        except RuntimeError as error:  # an unknown mode
-            raise ConfigError(f"model.compile={mode!r}: {error}") from None
         regularisers = self.grouping.regularisers if self.grouping is not None else None
         # both kept outside the module tree so that checkpoints hold the plain network's keys
-        object.__setattr__(self, "_compiled_net", compiled)
+        object.__setattr__(self, "_compiled_net", compiled(self.net, mode))
         object.__setattr__(self, "_regularisers", torch.compile(regularisers) if mode and regularisers else regularisers)
 
     def _run(self, images: Tensor) -> Tensor:
