@@ -16,7 +16,7 @@ import platform
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import date
 from pathlib import Path
 
@@ -316,21 +316,24 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{option} {', '.join(sorted(set(given) - set(known)))}: not one of {', '.join(known)}")
     parts = ([] if args.skip_inference else [inference_rows(args, device)]) + (
         [] if args.skip_train else [training_rows(args, device)])
-    rows: list[dict] = []
-    for measured in itertools.chain(*parts):  # each batch size's rows are printed and saved as they come
-        rows += measured
-        print(format_rows(measured), flush=True)
-        if args.json:
-            write_json(args.json, device, vars(args), rows)
+    rows = collect(itertools.chain(*parts), args.json, device, vars(args))
     print("\n" + format_rows(rows))
     return 0
 
 
-def write_json(path: Path, device: torch.device, command: dict, rows: list[dict]) -> None:
-    """The rows with the date, the machine and the command that measured them."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"date": str(date.today()), "device": device_name(device), "torch": torch.__version__,
-                                "command": command, "rows": rows}, indent=2, default=str))
+def collect(tables: Iterable[list[dict]], path: Path | None, device: torch.device, command: dict) -> list[dict]:
+    """All rows of ``tables``, each table printed as it comes and, with ``path``, every row so far written there
+    with the date, the machine and the command (so a run cut short keeps what it measured)."""
+    rows: list[dict] = []
+    for table in tables:
+        rows += table
+        print(format_rows(table), flush=True)
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"date": str(date.today()), "device": device_name(device),
+                                        "torch": torch.__version__, "command": command, "rows": rows},
+                                       indent=2, default=str))
+    return rows
 
 
 if __name__ == "__main__":

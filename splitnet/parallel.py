@@ -20,7 +20,7 @@ import torch
 from hydra.utils import instantiate
 from torch import Tensor, nn
 
-from splitnet.bench import BACKBONES, balanced_tree, bf16_autocast, device_name, throughputs, write_json
+from splitnet.bench import BACKBONES, balanced_tree, bf16_autocast, collect, device_name, throughputs
 from splitnet.report import count_flops, format_rows
 from splitnet.tree import Branch, SplitTree, select_channels
 
@@ -417,15 +417,11 @@ def main(argv: list[str] | None = None) -> int:
     batch = args.batch or (1024 if device.type == "cuda" else 64)
     config, shape, classes = BACKBONES[args.backbone]
     dense = instantiate(config, num_classes=classes).eval()
-    rows: list[dict] = []
+    tables = ([{"model": args.backbone, "split": split, "batch": batch} | row for row in speed_rows(
+        balanced_tree(dense, split), shape, batch, device, args.devices, args.bandwidth * 1e9, args.repeats)]
+        for split in args.splits)
     with torch.inference_mode(), bf16_autocast(device, bf16=device.type == "cuda"):
-        for split in args.splits:  # each split's rows are printed and saved as they come
-            measured = [{"model": args.backbone, "split": split, "batch": batch} | row for row in speed_rows(
-                balanced_tree(dense, split), shape, batch, device, args.devices, args.bandwidth * 1e9, args.repeats)]
-            rows += measured
-            print(format_rows(measured), flush=True)
-            if args.json:
-                write_json(args.json, device, vars(args), rows)
+        rows = collect(tables, args.json, device, vars(args))  # one table per split
     print(f"\n{device_name(device)}, bandwidth {args.bandwidth:g} GB/s\n" + format_rows(rows))
     return 0
 
