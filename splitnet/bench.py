@@ -296,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="only print params and FLOPs of --backbone (a comma list) for dense and --splits")
     parser.add_argument("--json", type=Path, help="also write the rows and the machine to this file")
     args = parser.parse_args(argv)
+    # every tree shares one forward: with 8 recompiles (the default) the later trees and batch sizes ran eagerly
+    torch._dynamo.config.recompile_limit = 64
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module="pytorch_lightning")
     unknown = set(args.backbone.split(",")) - set(BACKBONES)
