@@ -13,6 +13,7 @@ from splitnet.plan import SplitPlan
 from splitnet.surgery import assign_balanced
 
 _TINY = torch.finfo(torch.float32).tiny
+_GRAD_FLOOR = 1e-12  # the least RMS an assignment's gradient is divided by: a zero gradient stays zero
 
 
 def _sqrt(x: Tensor) -> Tensor:
@@ -92,6 +93,14 @@ class GroupAssignments(nn.Module):
         for alpha in self.logits.values():
             labels = assign_balanced(torch.softmax(alpha, 0))
             alpha.copy_(sharpness * F.one_hot(labels.to(alpha.device), alpha.shape[0]).T.to(alpha.dtype))
+
+    @torch.no_grad()
+    def normalise_gradients(self) -> None:
+        """Rescale each free grouping's gradient to unit RMS, so that a step moves its logits by the learning rate
+        whatever the size of the regularisers' gradient (about 1/D per entry); the direction is kept."""
+        for alpha in self.logits.values():
+            if alpha.grad is not None:
+                alpha.grad.div_(alpha.grad.square().mean().sqrt().clamp_min(_GRAD_FLOOR))
 
     def level_probabilities(self, probs: dict[str, Tensor], level: int, name: str) -> Tensor:
         """Soft assignment of grouping ``name`` at ``level``, merging an upper level's groups where needed."""

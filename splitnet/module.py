@@ -184,10 +184,15 @@ class SplitNetModule(pl.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Hold the assignments still before ``assignment_delay`` and after ``assignment_commit`` (shares of the
-        group phase's epochs); SGD skips a parameter without a gradient."""
-        if self.grouping is not None and self._assignments_held():
+        group phase's epochs; SGD skips a parameter without a gradient); in between, with ``assignment_update:
+        unit_rms``, rescale each grouping's gradient to unit RMS."""
+        if self.grouping is None:
+            return
+        if self._assignments_held():
             for alpha in self.grouping.parameters():
                 alpha.grad = None
+        elif self.hparams.schedule[GROUP].get("assignment_update", "sgd") == "unit_rms":
+            self.grouping.normalise_gradients()
 
     def configure_optimizers(self) -> dict[str, Any]:
         settings = self.hparams.schedule[self.phase]

@@ -12,6 +12,8 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler, MultiStepLR
 from splitnet.errors import ConfigError
 
 LR_SCHEDULES = ("step", "onecycle", "cosine")
+# how the assignments' gradient enters their SGD step: as it is (the paper), or rescaled to unit RMS per grouping
+ASSIGNMENT_UPDATES = ("sgd", "unit_rms")
 
 
 def build_optimizer(
@@ -21,7 +23,9 @@ def build_optimizer(
 
     ``settings``: epochs, lr, momentum, nesterov, weight_decay, lr_schedule (step | onecycle | cosine),
     for ``step`` the epochs in ``milestones`` where the rate is multiplied by ``lr_decay``, and
-    ``assignment_lr_scale``: the assignments' rate as a multiple of ``lr`` (default 1, as in the paper).
+    ``assignment_lr_scale``: the assignments' rate as a multiple of ``lr`` (default 1, as in the paper); with
+    ``assignment_update: unit_rms`` the module rescales their gradients before each step, so this rate is then
+    the RMS size of their steps in logits (before momentum).
     """
     scale = settings.get("assignment_lr_scale", 1.0)
     groups = [{"params": list(weights), "weight_decay": settings["weight_decay"], "lr": settings["lr"]}]
@@ -57,6 +61,10 @@ def check_schedule(schedule: Mapping[str, Any], phases: Iterable[str]) -> None:
         scale = settings.get("assignment_lr_scale", 1.0)
         if not scale > 0:
             raise ConfigError(f"schedule.{phase}.assignment_lr_scale={scale}: must be a positive number")
+        update = settings.get("assignment_update", "sgd")
+        if update not in ASSIGNMENT_UPDATES:
+            raise ConfigError(f"schedule.{phase}.assignment_update='{update}' is not one of "
+                              f"{', '.join(ASSIGNMENT_UPDATES)}")
         delay = settings.get("assignment_delay", 0)
         if not 0 <= delay < 1:
             raise ConfigError(f"schedule.{phase}.assignment_delay={delay}: must be a share of the phase's epochs, "

@@ -87,3 +87,22 @@ def test_a_commit_outside_the_delay_and_the_phase_is_refused(commit: float):
     schedule = {phase: SETTINGS | {"assignment_delay": 0.25, "assignment_commit": commit} for phase in ("group",)}
     with pytest.raises(ConfigError, match=f"schedule.group.assignment_commit={commit}: must be a share"):
         check_schedule(schedule, ("group",))
+
+
+@pytest.mark.parametrize("update", ["sgd", "unit_rms"])
+def test_unit_rms_rescales_each_assignment_gradient_between_delay_and_commit(update: str):
+    module = small_module(assignment_update=update)
+    gradients = []
+    for alpha in module.grouping.parameters():
+        alpha.grad = 1e-6 * torch.randn_like(alpha)
+        gradients.append(alpha.grad.clone())
+    module.on_before_optimizer_step(torch.optim.SGD(module.parameters(), lr=0.1))
+    for alpha, gradient in zip(module.grouping.parameters(), gradients, strict=True):
+        expected = gradient / gradient.square().mean().sqrt() if update == "unit_rms" else gradient
+        torch.testing.assert_close(alpha.grad, expected)
+
+
+def test_an_unknown_assignment_update_is_refused():
+    schedule = {"group": SETTINGS | {"assignment_update": "adam"}}
+    with pytest.raises(ConfigError, match="schedule.group.assignment_update='adam' is not one of sgd, unit_rms"):
+        check_schedule(schedule, ("group",))

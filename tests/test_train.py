@@ -149,6 +149,7 @@ def test_ckpt_path_auto_resumes_only_where_there_is_a_checkpoint(tmp_path: Path)
         (("schedule.group.lr_schedule=bogus",), "schedule.group.lr_schedule='bogus' is not one of step, onecycle"),
         (("schedule.group.assignment_lr_scale=0",), "schedule.group.assignment_lr_scale=0: must be a positive"),
         (("schedule.group.assignment_commit=1.5",), "schedule.group.assignment_commit=1.5: must be a share"),
+        (("schedule.group.assignment_update=adam",), "schedule.group.assignment_update='adam' is not one of sgd"),
         (("data.val_size=-3",), "data.val_size=-3: must be between 0 and the 2000 training images"),
         (("backbone.depth=15",), "backbone.depth=15: a Wide ResNet has depth 6n+4"),
         (("model.compile=turbo",), "model.compile='turbo': Unrecognized mode=turbo"),
