@@ -88,7 +88,7 @@ TRAIN_SETTINGS = {"eager": False, "compile": True, "cudagraphs": "reduce-overhea
 
 def prepared(model: nn.Module, setting: str, device: torch.device) -> Callable[[Tensor], Tensor]:
     """``model`` as run under ``setting``: eager, channels_last, compile (channels_last + torch.compile, default
-    mode), cudagraphs (the same in mode reduce-overhead). No autotuning: it takes minutes per model and batch size."""
+    mode), cudagraphs (the same in mode reduce-overhead). No autotuning, which multiplies the compile time."""
     model = copy.deepcopy(model).to(device).eval()
     if setting != "eager":
         model = model.to(memory_format=torch.channels_last)
