@@ -82,20 +82,22 @@ def bf16_autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContex
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
-INFERENCE_SETTINGS = ("eager", "channels_last", "compile", "cudagraphs")
+# the compiled inference settings and their torch.compile modes (all channels-last); the autotuned ones time kernel
+# choices while they compile, so the default settings leave them out
+COMPILE_MODES = {"compile": None, "cudagraphs": "reduce-overhead", "autotune": "max-autotune-no-cudagraphs",
+                 "autotune_cudagraphs": "max-autotune"}
+INFERENCE_SETTINGS = ("eager", "channels_last", *COMPILE_MODES)
 TRAIN_SETTINGS = {"eager": False, "compile": True, "cudagraphs": "reduce-overhead"}  # -> SplitNetModule(compile=...)
 
 
 def prepared(model: nn.Module, setting: str, device: torch.device) -> Callable[[Tensor], Tensor]:
-    """``model`` as run under ``setting``: eager, channels_last, compile (channels_last + torch.compile, default
-    mode), cudagraphs (the same in mode reduce-overhead). No autotuning, which multiplies the compile time."""
+    """``model`` as run under ``setting``: eager, channels_last, or channels_last through torch.compile in the mode
+    of ``COMPILE_MODES[setting]``."""
     model = copy.deepcopy(model).to(device).eval()
     if setting != "eager":
         model = model.to(memory_format=torch.channels_last)
-    if setting == "compile":
-        return torch.compile(model)
-    if setting == "cudagraphs":
-        return torch.compile(model, mode="reduce-overhead")
+    if setting in COMPILE_MODES:
+        return torch.compile(model, mode=COMPILE_MODES[setting])
     return model
 
 

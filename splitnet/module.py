@@ -15,7 +15,7 @@ from splitnet.errors import ConfigError
 from splitnet.grouping import GroupAssignments, RegulariserTerms
 from splitnet.plan import SplitConfigError, parse_groups
 from splitnet.schedule import build_optimizer, check_schedule
-from splitnet.surgery import ASSIGN_METHODS, TreeSpec, build_tree, hard_assign
+from splitnet.surgery import ASSIGN_METHODS, TreeSpec, block_masks, build_tree, hard_assign
 
 GROUP, FINETUNE = "group", "finetune"
 
@@ -70,6 +70,8 @@ class SplitNetModule(pl.LightningModule):
             raise SplitConfigError(f"split.assign='{split['assign']}' is not one of {', '.join(ASSIGN_METHODS)}")
         self.grouping: GroupAssignments | None = GroupAssignments(self.plan, self.groups, free) if free else None
         self.tree_spec: TreeSpec | None = None
+        # after the commit with ``off_block_fade``: each split layer's block mask for the groups the split will cut
+        self._fade_masks: dict[str, Tensor] | None = None
         self.phase_results: dict[str, dict[str, float]] = {}
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -101,11 +103,15 @@ class SplitNetModule(pl.LightningModule):
         return self._run(x)
 
     # --- the split ---------------------------------------------------------------------------------------
-    def split(self) -> TreeSpec:
-        """Harden the assignments into a tree spec and replace the dense network by the tree."""
+    def split_spec(self) -> TreeSpec:
+        """The hard groups the split would cut now: the assignments hardened by ``split.assign``."""
         probs = self.grouping.probabilities() if self.grouping is not None else {}
         split = self.hparams.split
-        spec = hard_assign(self.groups, probs, split.get("assign", "argmax"), split.get("seed", 0))
+        return hard_assign(self.groups, probs, split.get("assign", "argmax"), split.get("seed", 0))
+
+    def split(self) -> TreeSpec:
+        """Harden the assignments into a tree spec and replace the dense network by the tree."""
+        spec = self.split_spec()
         self.apply_split(spec)
         return spec
 
@@ -116,6 +122,7 @@ class SplitNetModule(pl.LightningModule):
         tree.train(self.net.training)
         self.net = tree
         self.grouping = None
+        self._fade_masks = None
         self.tree_spec = spec
         set_dropout(self.net, self.hparams.schedule[FINETUNE].get("dropout", 0.0))
         self._prepare_net()
@@ -177,10 +184,26 @@ class SplitNetModule(pl.LightningModule):
         )
 
     def on_train_epoch_start(self) -> None:
-        """From the commit epoch on, keep the assignments hardened to balanced groups (idempotent, so resumes agree)."""
+        """From the commit epoch on, keep the assignments hardened to balanced groups (idempotent, so resumes agree),
+        and with ``off_block_fade`` take the block masks of the groups the split will cut."""
         commit = self._commit_epoch()
         if self.grouping is not None and commit is not None and self.current_epoch >= commit:
             self.grouping.commit()
+            if self.hparams.schedule[GROUP].get("off_block_fade", False):
+                self._fade_masks = block_masks(self.net, self.plan, self.split_spec())
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """With ``off_block_fade``, after every step from the commit on, scale the split layers' off-block weights by
+        r / (r + 1), r the steps left in the group phase: without other updates they fade linearly, and the last step
+        sets them to zero, so that the split removes only zeros."""
+        if self._fade_masks is None:
+            return
+        epochs_left = self.hparams.schedule[GROUP]["epochs"] - self.current_epoch
+        left = max(0, epochs_left * self.trainer.num_training_batches - batch_idx - 1)
+        keep = left / (left + 1)
+        with torch.no_grad():
+            for name, mask in self._fade_masks.items():
+                self.net.get_submodule(name).weight.mul_(mask + keep * (1 - mask))
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Hold the assignments still before ``assignment_delay`` and after ``assignment_commit`` (shares of the

@@ -70,6 +70,9 @@ def check_schedule(schedule: Mapping[str, Any], phases: Iterable[str]) -> None:
             raise ConfigError(f"schedule.{phase}.assignment_delay={delay}: must be a share of the phase's epochs, "
                               "at least 0 and below 1")
         commit = settings.get("assignment_commit")
+        if settings.get("off_block_fade", False) and commit is None:
+            raise ConfigError(f"schedule.{phase}.off_block_fade=true needs assignment_commit (a share of the phase's "
+                              "epochs): the off-block weights fade from the commit on, towards its groups")
         if commit is not None and not delay < commit <= 1:
             raise ConfigError(f"schedule.{phase}.assignment_commit={commit}: must be a share of the phase's epochs, "
                               f"above assignment_delay={delay} and at most 1 (or null: never)")

@@ -166,17 +166,26 @@ def _to(index: Tensor | None, device: torch.device) -> Tensor | None:
     return None if index is None else index.to(device)
 
 
+def block_masks(dense: nn.Module, plan: SplitPlan, spec: TreeSpec) -> dict[str, Tensor]:
+    """For every split layer of ``dense`` (by its full name): 1 where a weight joins channels of one group, 0 off the
+    diagonal blocks, shaped to multiply the layer's weight."""
+    dims = plan.grouping_dims(dense)
+    masks = {}
+    for index, level in enumerate(plan.levels):
+        for layer_name, (in_name, out_name) in level.layers.items():
+            name = ".".join(part for part in (level.module, layer_name) if part)
+            weight = dense.get_submodule(name).weight
+            rows = spec.labels_at(plan, index, out_name, dims)
+            cols = spec.labels_at(plan, index, in_name, dims)
+            mask = (rows[:, None] == cols[None, :]).to(weight.device, weight.dtype)
+            masks[name] = mask.view(*mask.shape, *([1] * (weight.dim() - 2)))
+    return masks
+
+
 def masked_dense(dense: nn.Module, plan: SplitPlan, spec: TreeSpec) -> nn.Module:
     """A copy of ``dense`` with every off-block weight of the split layers set to zero: what the tree must compute."""
     masked = copy.deepcopy(dense)
-    dims = plan.grouping_dims(dense)
     with torch.no_grad():
-        for index, level in enumerate(plan.levels):
-            body = masked.get_submodule(level.module)
-            for layer_name, (in_name, out_name) in level.layers.items():
-                rows = spec.labels_at(plan, index, out_name, dims)
-                cols = spec.labels_at(plan, index, in_name, dims)
-                weight = body.get_submodule(layer_name).weight
-                mask = (rows[:, None] == cols[None, :]).to(weight.device, weight.dtype)
-                weight.mul_(mask.view(*mask.shape, *([1] * (weight.dim() - 2))))
+        for name, mask in block_masks(masked, plan, spec).items():
+            masked.get_submodule(name).weight.mul_(mask)
     return masked

@@ -34,11 +34,11 @@ def test_without_a_scale_the_assignments_follow_the_network():
     assert optimizer.param_groups[0]["lr"] == optimizer.param_groups[1]["lr"]
 
 
-def small_module(**group_settings) -> SplitNetModule:
+def small_module(assign: str = "argmax", **group_settings) -> SplitNetModule:
     schedule = {phase: SETTINGS | {"lr_schedule": "cosine"} for phase in ("group", "finetune")}
     schedule["group"] |= group_settings
     return SplitNetModule({"_target_": "splitnet.backbones.wide_resnet", "depth": 10, "width": 1}, 10,
-                          {"groups": "2-2-2", "assign": "argmax", "gamma1": 1, "gamma2": 1, "gamma3": 10}, schedule)
+                          {"groups": "2-2-2", "assign": assign, "gamma1": 1, "gamma2": 1, "gamma3": 10}, schedule)
 
 
 def assignments_held(module: SplitNetModule) -> list[bool]:
@@ -106,3 +106,45 @@ def test_an_unknown_assignment_update_is_refused():
     schedule = {"group": SETTINGS | {"assignment_update": "adam"}}
     with pytest.raises(ConfigError, match="schedule.group.assignment_update='adam' is not one of sgd, unit_rms"):
         check_schedule(schedule, ("group",))
+
+
+def off_block_norms(module: SplitNetModule, masks: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split layers' weights off and on their diagonal blocks, each as one norm per layer."""
+    off, on = [], []
+    for name, mask in masks.items():
+        weight = module.net.get_submodule(name).weight.detach()
+        off.append((weight * (1 - mask)).norm())
+        on.append((weight * mask).norm())
+    return torch.stack(off), torch.stack(on)
+
+
+@pytest.mark.parametrize("assign", ["argmax", "random"])
+def test_off_block_fade_empties_the_off_blocks_by_the_split_so_that_the_cut_changes_nothing(assign: str):
+    module = small_module(assign, epochs=4, assignment_commit=0.5, off_block_fade=True)  # fades over epochs 2 and 3
+    module.net.eval()
+    images = torch.randn(6, 3, 32, 32)
+    before_fade = module.net(images)
+    steps, done = 2 * 3, 0
+    for epoch in (2, 3):
+        module._trainer = SimpleNamespace(current_epoch=epoch, num_training_batches=3)
+        module.on_train_epoch_start()
+        if done == 0:
+            start_off, start_on = off_block_norms(module, module._fade_masks)
+            assert start_off.min() > 0
+        for batch in range(3):
+            module.on_train_batch_end(None, None, batch)
+            done += 1
+            off, on = off_block_norms(module, module._fade_masks)
+            torch.testing.assert_close(off, start_off * (steps - done) / steps)  # linear, with no other updates
+            torch.testing.assert_close(on, start_on, rtol=0, atol=0)  # the diagonal blocks are left alone
+    assert off.max() == 0
+    dense = module.net(images)
+    assert (dense - before_fade).abs().max() > 1e-3  # the fade did change the dense network
+    module.split()  # the groups of split.assign (random: the seed's), which the fade followed
+    module.net.eval()
+    torch.testing.assert_close(module.net(images), dense, rtol=1e-5, atol=1e-5)
+
+
+def test_a_fade_without_a_commit_is_refused():
+    with pytest.raises(ConfigError, match="schedule.group.off_block_fade=true needs assignment_commit"):
+        check_schedule({"group": SETTINGS | {"off_block_fade": True}}, ("group",))

@@ -17,6 +17,7 @@ from splitnet.data import SyntheticDataModule
 from splitnet.module import SplitNetModule
 from splitnet.phases import evaluate
 from splitnet.report import count_params
+from splitnet.surgery import TreeSpec, block_masks
 from splitnet.tree import SplitTree
 from tests.conftest import ROOT, SMOKE, final_state, read_summary, run_train
 
@@ -198,14 +199,24 @@ def test_missing_cifar100_says_where_it_looked(tmp_path: Path):
     assert "set data.root" in result.stderr
 
 
-def test_compiled_network_trains_through_the_split(tmp_path: Path):
-    """model.compile=true: the dense network and, after the split, the tree run compiled; checkpoints keep plain keys."""
+def test_compiled_network_trains_through_the_split_and_the_fade_makes_the_cut_lossless(tmp_path: Path):
+    """model.compile=true: the dense network and, after the split, the tree run compiled; checkpoints keep plain keys.
+    With off_block_fade the group phase ends with the off-block weights at zero, and the cut keeps the accuracy."""
     run_train(tmp_path, "experiment=smoke", "data=synthetic", "model.compile=true", "trainer.limit_train_batches=3",
-              "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "schedule.group.epochs=1",
-              "schedule.finetune.epochs=1")
-    assert read_summary(tmp_path)["epochs"] == 2
+              "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "schedule.group.epochs=2",
+              "schedule.finetune.epochs=1", "schedule.group.assignment_commit=0.5", "schedule.group.off_block_fade=true",
+              "callbacks.checkpoint.save_top_k=-1")
+    summary = read_summary(tmp_path)
+    assert summary["epochs"] == 3
+    for split in ("val_acc", "test_acc"):
+        assert summary[split]["split"] == pytest.approx(summary[split]["group"], abs=1e-6), split
     state = final_state(tmp_path)
     assert any(key.startswith("net.branches.") for key in state) and not any("_orig_mod" in key for key in state)
+    spec = TreeSpec.from_dict(torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["splitnet"]["tree_spec"])
+    dense = SplitNetModule.load_from_checkpoint(tmp_path / "checkpoints" / "epoch001.ckpt", map_location="cpu").net
+    for name, mask in block_masks(dense, dense.split_plan, spec).items():
+        weight = dense.get_submodule(name).weight.detach()
+        assert (weight * (1 - mask)).abs().max() == 0 and (weight * mask).abs().max() > 0, name
 
 
 def test_the_main_job_needs_none_of_the_optional_packages(tmp_path: Path):

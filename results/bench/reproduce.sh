@@ -2,7 +2,8 @@
 # The tables of README's "Speed" and "Branch-parallel inference" sections, measured on this machine's device
 # (DEVICE: cuda if there is one, else cpu), each written to RESULTS (default: this folder) as soon as it is measured.
 #
-#   bash results/bench/reproduce.sh [TABLE ...]     TABLE: wrn, train-compile, parallel, resnet18 (default: all)
+#   bash results/bench/reproduce.sh [TABLE ...]     TABLE: wrn, train-compile, parallel, resnet18 (default: these four),
+#                                                   autotune (inference under torch.compile's autotuning modes)
 #
 # Each table's JSON is rewritten after every batch size (or split), so a run cut short keeps what it measured.
 set -eu
@@ -21,6 +22,9 @@ for table in ${*:-wrn train-compile parallel resnet18}; do
         resnet18)       python -m splitnet.bench --device "$DEVICE" --backbone resnet18 --splits 2-2-2,4-4-4 \
                             --infer-batches 256 --train-batches 128 --settings channels_last,compile \
                             --repeats "$REPEATS" --json "$RESULTS/resnet18_$DEVICE.json" ;;
-        *) echo "unknown table '$table': one of wrn, train-compile, parallel, resnet18" >&2; exit 2 ;;
+        autotune)       python -m splitnet.bench --device "$DEVICE" --skip-train --infer-batches 1024,64 \
+                            --settings autotune,autotune_cudagraphs --repeats "$REPEATS" \
+                            --json "$RESULTS/${DEVICE}_inference_autotune.json" ;;
+        *) echo "unknown table '$table': one of wrn, train-compile, parallel, resnet18, autotune" >&2; exit 2 ;;
     esac
 done
