@@ -2,6 +2,7 @@
 
 Every tree is built by the project's own split code from balanced groups. Ratios are against the dense
 network at its best setting in the same run; the plain-PyTorch training loop is the reference for training.
+With ``--runs``, the final networks of finished training runs are timed instead, against the fastest dense run.
 """
 
 from __future__ import annotations
@@ -120,11 +121,46 @@ def inference_speed(model: nn.Module, image_shape: tuple[int, ...], batch: int, 
 
 
 def inference_rows(args: argparse.Namespace, device: torch.device) -> Iterator[list[dict]]:
-    """The inference rows, one batch size at a time."""
+    """The inference rows of ``--backbone``, dense and its balanced trees, one batch size at a time."""
     config, shape, classes = BACKBONES[args.backbone]
     dense = instantiate(config, num_classes=classes).eval()
     models = {"dense": dense} | {split: balanced_tree(dense, split).eval() for split in args.splits}
     flops = {name: count_flops(model, shape) for name, model in models.items()}
+    labels = {name: {"model": args.backbone, "split": name} for name in models}
+    ratios = {name: flops["dense"] / flops[name] for name in models}
+    yield from timed_inference(models, labels, ratios, {"dense"}, shape, args, device)
+
+
+def run_inference_rows(args: argparse.Namespace, device: torch.device) -> Iterator[list[dict]]:
+    """The inference rows of finished training runs (``--runs``): each run's final network, dense or tree, loaded from
+    its last checkpoint and timed alone, one run after another; ratios against the best dense run among them."""
+    models, labels, ratios, dense = {}, {}, {}, set()
+    shapes = set()
+    for run_dir in args.runs:
+        summary_path, checkpoint = run_dir / "summary.json", run_dir / "checkpoints" / "last.ckpt"
+        for path in (summary_path, checkpoint):
+            if not path.is_file():
+                raise SystemExit(f"--runs {run_dir}: it has no {path.relative_to(run_dir)}, so it is not a finished run")
+        summary = json.loads(summary_path.read_text())
+        if "image_shape" not in summary:
+            raise SystemExit(f"--runs {run_dir}: its summary.json has no image_shape (written before splitnet kept it)")
+        name = run_dir.name
+        models[name] = SplitNetModule.load_from_checkpoint(checkpoint, map_location="cpu").net.eval()
+        labels[name] = {"run": name, "model": summary["backbone"], "split": summary["split"]}
+        ratios[name] = summary["dense_flops"] / summary["flops"]
+        shapes.add(tuple(summary["image_shape"]))
+        if set(summary["split"].split("-")) == {"1"}:
+            dense.add(name)
+    if len(shapes) != 1:
+        raise SystemExit(f"--runs: the runs' images differ in shape ({sorted(shapes)}); time them separately")
+    yield from timed_inference(models, labels, ratios, dense, shapes.pop(), args, device)
+
+
+def timed_inference(models: dict[str, nn.Module], labels: dict[str, dict], flop_ratios: dict[str, float],
+                    dense: set[str], shape: tuple[int, ...], args: argparse.Namespace,
+                    device: torch.device) -> Iterator[list[dict]]:
+    """One table per batch size: every model under every setting, ``vs_dense`` against the fastest of the ``dense``
+    models in any setting (None without one)."""
     for batch in args.infer_batches:
         images = torch.randn(batch, *shape, device=device)
         steps = {}
@@ -134,10 +170,10 @@ def inference_rows(args: argparse.Namespace, device: torch.device) -> Iterator[l
                 steps[name, setting] = (lambda run, x: lambda: run(x))(prepared(model, setting, device), inputs)
         with torch.inference_mode(), bf16_autocast(device, args.bf16):
             measured = throughputs(steps, batch, device, args.repeats)
-        best_dense = max(v for (name, _), v in measured.items() if name == "dense")
-        yield [{"mode": "inference", "model": args.backbone, "split": name, "batch": batch, "setting": setting,
-                "img_per_s": round(value, 1), "vs_dense": round(value / best_dense, 3),
-                "flop_ratio": round(flops["dense"] / flops[name], 3)} for (name, setting), value in measured.items()]
+        best_dense = max((v for (name, _), v in measured.items() if name in dense), default=None)
+        yield [{"mode": "inference", **labels[name], "batch": batch, "setting": setting, "img_per_s": round(value, 1),
+                "vs_dense": None if best_dense is None else round(value / best_dense, 3),
+                "flop_ratio": round(flop_ratios[name], 3)} for (name, setting), value in measured.items()]
 
 
 class _RandomImages(ImageTensorDataModule):
@@ -294,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", default=10, type=int)
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-inference", action="store_true")
+    parser.add_argument("--runs", nargs="+", type=Path, metavar="RUN_DIR",
+                        help="time the final networks of these finished train.py runs (inference only), each alone")
     parser.add_argument("--costs", action="store_true",
                         help="only print params and FLOPs of --backbone (a comma list) for dense and --splits")
     parser.add_argument("--json", type=Path, help="also write the rows and the machine to this file")
@@ -319,8 +357,11 @@ def main(argv: list[str] | None = None) -> int:
                                  ("--train-settings", args.train_settings, tuple(TRAIN_SETTINGS))):
         if set(given) - set(known):
             parser.error(f"{option} {', '.join(sorted(set(given) - set(known)))}: not one of {', '.join(known)}")
-    parts = ([] if args.skip_inference else [inference_rows(args, device)]) + (
-        [] if args.skip_train else [training_rows(args, device)])
+    if args.runs:
+        parts = [run_inference_rows(args, device)]
+    else:
+        parts = ([] if args.skip_inference else [inference_rows(args, device)]) + (
+            [] if args.skip_train else [training_rows(args, device)])
     rows = collect(itertools.chain(*parts), args.json, device, vars(args))
     print("\n" + format_rows(rows))
     return 0

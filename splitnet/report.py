@@ -65,6 +65,7 @@ def build_summary(
         "dense_flops": dense["flops"],
         "class_groups": class_groups,
         "class_names": datamodule.class_names,
+        "image_shape": list(datamodule.image_shape),
         "group_sizes": spec.group_sizes() if spec is not None else {},
         "tree_spec": spec.to_dict() if spec is not None else None,
         "semantics": split_semantics(class_groups, superclass_of) if superclass_of else None,

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from splitnet.bench import main
+from tests.conftest import SMOKE, run_train
 
 
 def test_bench_prints_and_writes_training_and_inference_rows(tmp_path, capsys):
@@ -31,3 +32,27 @@ def test_bench_refuses_an_unknown_setting_by_name(option, value, capsys):
     with pytest.raises(SystemExit):
         main(["--device", "cpu", "--backbone", "wrn16_1", option, value])
     assert f"{option} {value.split(',')[-1]}: not one of" in capsys.readouterr().err
+
+
+def test_bench_times_finished_runs_alone_against_the_dense_run(smoke_run, tmp_path, capsys):
+    dense_run = tmp_path / "dense"
+    run_train(dense_run, *SMOKE, "split=none", "trainer.limit_train_batches=2", "schedule.group.epochs=1",
+              "schedule.finetune.epochs=1")
+    out = tmp_path / "runs.json"
+    assert main(["--device", "cpu", "--runs", str(dense_run), str(smoke_run), "--infer-batches", "4", "--repeats", "1",
+                 "--settings", "eager,channels_last", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["run"], r["split"], r["setting"]) for r in rows} == {
+        (run.name, split, setting) for run, split in ((dense_run, "1-1-1"), (smoke_run, "2-2-2"))
+        for setting in ("eager", "channels_last")}
+    assert max(r["vs_dense"] for r in rows if r["run"] == "dense") == 1.0
+    tree = [r for r in rows if r["split"] == "2-2-2"]
+    assert all(r["img_per_s"] > 0 and r["flop_ratio"] > 1 for r in tree)
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    assert tree[0]["flop_ratio"] == round(summary["dense_flops"] / summary["flops"], 3)
+
+
+def test_bench_names_a_run_that_has_not_finished(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(SystemExit, match=f"--runs {tmp_path}: it has no summary.json, so it is not a finished run"):
+        main(["--device", "cpu", "--runs", str(tmp_path)])

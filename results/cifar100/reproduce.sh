@@ -7,8 +7,11 @@
 # (ckpt_path=auto) and a finished run is skipped, so with TIME_LIMIT (seconds for this whole call) the
 # same command, called again, goes on where the last call stopped. When every run has its summary.json,
 # the summaries are copied unedited to RESULTS (default: this folder) and the report table is printed
-# (also written to LOGS/report.csv and report_mean.csv). With COPY_TO, every call ends by copying all run
-# directories but their checkpoints there (summaries, pictures, metrics, logs).
+# (also written to LOGS/report.csv and report_mean.csv); then every run's final network is timed alone at
+# batch 1024 (python -m splitnet.bench --runs, INFER_SETTINGS: default channels_last,compile) into
+# RESULTS/inference.json: runs sharing a GPU cannot time themselves, so they skip it (inference_batch=null).
+# With COPY_TO, every call ends by copying all run directories but their checkpoints there (summaries,
+# pictures, metrics, logs).
 set -u
 cd "$(dirname "$0")/../.."
 LOGS=${LOGS:-logs/cifar100}
@@ -24,7 +27,7 @@ run() {  # NAME OVERRIDE...: one training, until it ends or the deadline comes
     left=$(( DEADLINE - $(date +%s) ))
     [ "$left" -gt 30 ] || return 0
     mkdir -p "$LOGS"
-    timeout "$left" python train.py schedule=fast ckpt_path=auto "hydra.run.dir=$LOGS/$name" "$@" \
+    timeout "$left" python train.py schedule=fast ckpt_path=auto inference_batch=null "hydra.run.dir=$LOGS/$name" "$@" \
         >> "$LOGS/$name.out" 2>&1
     echo "$name: exit $? ($(date +%T))"
 }
@@ -52,3 +55,5 @@ if [ -n "$missing" ]; then
 fi
 while read -r name _; do cp "$LOGS/$name/summary.json" "$RESULTS/$name.json"; done <<< "$RUNS"
 python -m splitnet.report "$LOGS"
+python -m splitnet.bench --runs $(while read -r name _; do echo "$LOGS/$name"; done <<< "$RUNS") \
+    --infer-batches 1024 --settings "${INFER_SETTINGS:-channels_last,compile}" --json "$RESULTS/inference.json"
