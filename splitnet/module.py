@@ -214,7 +214,7 @@ class SplitNetModule(pl.LightningModule):
         if self._assignments_held():
             for alpha in self.grouping.parameters():
                 alpha.grad = None
-        elif self.hparams.schedule[GROUP].get("assignment_update", "sgd") == "unit_rms":
+        elif self.hparams.schedule[GROUP].get("assignment_update") == "unit_rms":
             self.grouping.normalise_gradients()
 
     def configure_optimizers(self) -> dict[str, Any]:
