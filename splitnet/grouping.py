@@ -43,20 +43,41 @@ def weight_energy(weight: Tensor) -> Tensor:
     return squared.T
 
 
-def group_weight_cost(weight: Tensor, p: Tensor, q: Tensor) -> Tensor:
+@dataclass(frozen=True)
+class SoftGroups:
+    """A soft grouping (G x D) with the two terms that every layer it touches needs: its square and 1 - it.
+
+    Built once per grouping and step, then shared by the layers that grouping feeds or comes from.
+    """
+
+    squared: Tensor
+    rest: Tensor
+
+    @classmethod
+    def of(cls, q: Tensor) -> SoftGroups:
+        return cls(q.square(), 1 - q)
+
+
+def group_weight_cost(weight: Tensor, p: Tensor | SoftGroups, q: Tensor | SoftGroups) -> Tensor:
     """S: the normalised group lasso on the off-block-diagonal weights of one layer.
 
     ``weight`` is a conv (O x I x k x k) or linear (O x I) weight, ``p`` (G x I) the soft grouping of its
-    inputs and ``q`` (G x O) of its outputs.
+    inputs and ``q`` (G x O) of its outputs. With M[o, i] the squared weight from input i to output o averaged
+    over the kernel taps, input i's term for group g is sqrt(sum_o q[g, o]^2 M[o, i]) (1 - p[g, i]) (the
+    square root of a product of squares; the assignments lie in [0, 1]), and output o's alike.
     """
-    groups = p.shape[0]
-    energy = weight_energy(weight)
-    inputs, outputs = energy.shape
+    p = p if isinstance(p, SoftGroups) else SoftGroups.of(p)
+    q = q if isinstance(q, SoftGroups) else SoftGroups.of(q)
+    groups, inputs = p.squared.shape
+    outputs = q.squared.shape[1]
     taps = weight[0, 0].numel()
+    # summed over the taps (one reduction); the mean's 1 / taps is folded into the scale below
+    energy = weight.square().sum(tuple(range(2, weight.dim()))) if weight.dim() > 2 else weight.square()
+    rows = torch.dot(_sqrt(q.squared @ energy).flatten(), p.rest.flatten())  # inputs: G x I against 1 - p
+    cols = torch.dot(_sqrt(p.squared @ energy.T).flatten(), q.rest.flatten())  # outputs: G x O against 1 - q
     init_std = math.sqrt(1.0 / (taps * inputs))
-    rows = _sqrt((q.square() @ energy.T) * (1 - p).square()).sum(1) / (inputs * math.sqrt(outputs))
-    cols = _sqrt((p.square() @ energy) * (1 - q).square()).sum(1) / (math.sqrt(inputs) * outputs)
-    return (rows + cols).sum() / (2 * (groups - 1) * init_std / groups)
+    scale = groups / (2 * (groups - 1) * init_std * math.sqrt(taps))
+    return torch.add(rows * (scale / (inputs * math.sqrt(outputs))), cols, alpha=scale / (math.sqrt(inputs) * outputs))
 
 
 @dataclass(frozen=True)
@@ -114,15 +135,22 @@ class GroupAssignments(nn.Module):
     def regularisers(self, model: nn.Module) -> RegulariserTerms:
         """The disjoint, group-weight and balance costs for ``model``'s current weights."""
         probs = self.probabilities()
+        soft_groups: dict[tuple[int, str], SoftGroups] = {}  # each grouping's terms, shared by its layers
+
+        def level_groups(level: int, name: str) -> SoftGroups:
+            if (level, name) not in soft_groups:
+                soft_groups[level, name] = SoftGroups.of(self.level_probabilities(probs, level, name))
+            return soft_groups[level, name]
+
         layer_costs = []
         for index, level in enumerate(self.plan.levels):
             if self.groups[index] == 1:
                 continue
             body = model.get_submodule(level.module)
             for layer_name, (in_name, out_name) in level.layers.items():
-                p = self.level_probabilities(probs, index, in_name)
-                q = self.level_probabilities(probs, index, out_name)
-                layer_costs.append(group_weight_cost(body.get_submodule(layer_name).weight, p, q))
+                weight = body.get_submodule(layer_name).weight
+                p, q = level_groups(index, in_name), level_groups(index, out_name)
+                layer_costs.append(group_weight_cost(weight, p, q))
         costs = torch.stack(layer_costs)
         weights = costs.detach()
         return RegulariserTerms(

@@ -76,6 +76,40 @@ def test_group_weight_zero_for_block_diagonal_and_grows_off_block():
         previous = cost
 
 
+def literal_group_weight_cost(weight: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """S as method.md writes it, term by term (slow): the reference for group_weight_cost."""
+    groups, inputs = p.shape
+    outputs = q.shape[1]
+    energy = weight.square().flatten(2).mean(2).T if weight.dim() > 2 else weight.square().T  # M: I x O
+    std = math.sqrt(1.0 / (weight[0, 0].numel() * inputs))
+    total = weight.new_zeros(())
+    for g in range(groups):
+        row = sum(torch.sqrt((energy[i] * q[g].square() * (1 - p[g, i]) ** 2).sum()) for i in range(inputs))
+        col = sum(torch.sqrt((energy[:, j] * (1 - q[g, j]) ** 2 * p[g].square()).sum()) for j in range(outputs))
+        total = total + row / (inputs * math.sqrt(outputs)) + col / (math.sqrt(inputs) * outputs)
+    return total / (2 * (groups - 1) * std / groups)
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (6, 10, 3, 3)])
+@pytest.mark.parametrize("groups", [2, 3])
+def test_group_weight_equals_its_definition_with_its_gradients(shape: tuple[int, ...], groups: int):
+    torch.manual_seed(groups)
+    weight = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    alpha_in = torch.randn(groups, shape[1], dtype=torch.float64, requires_grad=True)
+    alpha_out = torch.randn(groups, shape[0], dtype=torch.float64, requires_grad=True)
+    leaves = (weight, alpha_in, alpha_out)
+
+    def value_and_gradients(cost):
+        value = cost(weight, torch.softmax(alpha_in, 0), torch.softmax(alpha_out, 0))
+        return value, torch.autograd.grad(value, leaves)
+
+    value, gradients = value_and_gradients(group_weight_cost)
+    expected, expected_gradients = value_and_gradients(literal_group_weight_cost)
+    torch.testing.assert_close(value, expected)
+    for gradient, expected_gradient in zip(gradients, expected_gradients, strict=True):
+        torch.testing.assert_close(gradient, expected_gradient)
+
+
 def test_assignments_are_softmax_over_groups_and_learn_from_the_regularisers():
     torch.manual_seed(0)
     model = wide_resnet(16, 1, num_classes=10)
