@@ -36,11 +36,9 @@ def balance_cost(q: Tensor) -> Tensor:
 
 
 def weight_energy(weight: Tensor) -> Tensor:
-    """M[i, j]: the squared weight from input i to output j, averaged over kernel taps (shape I x O)."""
+    """M[o, i]: the squared weight from input i to output o, averaged over the kernel taps (shape O x I)."""
     squared = weight.square()
-    if squared.dim() > 2:
-        squared = squared.flatten(2).mean(2)
-    return squared.T
+    return squared.mean(tuple(range(2, weight.dim()))) if weight.dim() > 2 else squared
 
 
 @dataclass(frozen=True)
@@ -70,13 +68,11 @@ def group_weight_cost(weight: Tensor, p: Tensor | SoftGroups, q: Tensor | SoftGr
     q = q if isinstance(q, SoftGroups) else SoftGroups.of(q)
     groups, inputs = p.squared.shape
     outputs = q.squared.shape[1]
-    taps = weight[0, 0].numel()
-    # summed over the taps (one reduction); the mean's 1 / taps is folded into the scale below
-    energy = weight.square().sum(tuple(range(2, weight.dim()))) if weight.dim() > 2 else weight.square()
+    energy = weight_energy(weight)
     rows = torch.dot(_sqrt(q.squared @ energy).flatten(), p.rest.flatten())  # inputs: G x I against 1 - p
     cols = torch.dot(_sqrt(p.squared @ energy.T).flatten(), q.rest.flatten())  # outputs: G x O against 1 - q
-    init_std = math.sqrt(1.0 / (taps * inputs))
-    scale = groups / (2 * (groups - 1) * init_std * math.sqrt(taps))
+    init_std = math.sqrt(1.0 / (weight[0, 0].numel() * inputs))
+    scale = groups / (2 * (groups - 1) * init_std)
     return torch.add(rows * (scale / (inputs * math.sqrt(outputs))), cols, alpha=scale / (math.sqrt(inputs) * outputs))
 
 

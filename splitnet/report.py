@@ -96,7 +96,7 @@ def split_record(
                 largest = weight.numel()
                 rows = spec.labels_at(plan, index, out_name, dims)
                 cols = spec.labels_at(plan, index, in_name, dims)
-                layer = {"name": f"{level.module}.{name}", "energy": weight_energy(weight.detach()).T.cpu(),
+                layer = {"name": f"{level.module}.{name}", "energy": weight_energy(weight.detach()).cpu(),
                          "row_labels": rows.tolist(), "col_labels": cols.tolist()}
     last = len(plan.levels) - 1
     class_labels = spec.labels_at(plan, last, "out", dims)
