@@ -73,9 +73,10 @@ class SplitNetModule(pl.LightningModule):
         # after the commit with ``off_block_fade``: each split layer's block mask for the groups the split will cut
         self._fade_masks: dict[str, Tensor] | None = None
         self.phase_results: dict[str, dict[str, float]] = {}
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        # without argument checks: they read the labels on the host (torch.unique), a wait for the device every batch
+        self.train_acc, self.val_acc, self.test_acc = (
+            MulticlassAccuracy(num_classes, average="micro", validate_args=False) for _ in range(3)
+        )
         set_dropout(self.net, schedule[GROUP].get("dropout", 0.0))
         self._prepare_net()
 
@@ -132,26 +133,40 @@ class SplitNetModule(pl.LightningModule):
         images, labels = batch
         logits = self._run(images)
         loss = F.cross_entropy(logits, labels)
-        phase = self.phase
-        self.log(f"{phase}/train_ce", loss)
-        if phase == GROUP and self.grouping is not None:
+        scalars = {"train_ce": loss}
+        if self.phase == GROUP and self.grouping is not None:
             terms = self._regularisers(self.net)
             loss = loss + self.regularisation(terms)
-            self.log_dict(
-                {f"{phase}/disjoint": terms.disjoint, f"{phase}/group_weight": terms.group_weight,
-                 f"{phase}/balance": terms.balance},
-                prog_bar=True,
-            )
-        # checked on logging steps only: a check every step would wait for the device every step
-        if self.global_step % self.trainer.log_every_n_steps == 0 and not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"the {phase} loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step}: "
-                "lower the learning rate or the gammas and resume from the last checkpoint"
-            )
-        self.train_acc(logits, labels)
-        self.log(f"{phase}/train_loss", loss, prog_bar=True)
-        self.log(f"{phase}/train_acc", self.train_acc, on_step=False, on_epoch=True)
+            scalars |= {"disjoint": terms.disjoint, "group_weight": terms.group_weight, "balance": terms.balance}
+        scalars["train_loss"] = loss
+        self.train_acc.update(logits, labels)
+        if self._logging_step():
+            self._log_step_scalars(scalars)
         return loss
+
+    def _logging_step(self) -> bool:
+        """Whether the loggers write this step's values (every ``trainer.log_every_n_steps`` steps)."""
+        return self.trainer.fast_dev_run or self.trainer._logger_connector.should_update_logs
+
+    def _log_step_scalars(self, scalars: dict[str, Tensor]) -> None:
+        """Log the step's scalars, read to the host in one transfer, and stop a diverged run.
+
+        Called on logging steps only: Lightning reads every logged device tensor on the host after every batch, which
+        would make each step wait for the device. Host tensors cost nothing to read, so the progress bar shows these
+        values as of the last logging step.
+        """
+        values = torch.stack([value.detach().float() for value in scalars.values()]).cpu()
+        named = dict(zip(scalars, values))
+        if not torch.isfinite(named["train_loss"]):
+            raise FloatingPointError(
+                f"the {self.phase} loss is {named['train_loss'].item()} at epoch {self.current_epoch}, step "
+                f"{self.global_step}: lower the learning rate or the gammas and resume from the last checkpoint"
+            )
+        for name, value in named.items():
+            self.log(f"{self.phase}/{name}", value, prog_bar=name != "train_ce")
+
+    def on_train_epoch_end(self) -> None:
+        self.log(f"{self.phase}/train_acc", self.train_acc)
 
     def regularisation(self, terms: RegulariserTerms) -> Tensor:
         """gamma1 T + gamma2 S + gamma3 U; with ``assignment_commit`` the disjoint term is left out, since the commit
@@ -162,12 +177,16 @@ class SplitNetModule(pl.LightningModule):
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         images, labels = batch
-        self.val_acc(self._run(images), labels)
+        self.val_acc.update(self._run(images), labels)
+
+    def on_validation_epoch_end(self) -> None:
         self.log(f"{self.phase}/val_acc", self.val_acc, prog_bar=True)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         images, labels = batch
-        self.test_acc(self._run(images), labels)
+        self.test_acc.update(self._run(images), labels)
+
+    def on_test_epoch_end(self) -> None:
         self.log(f"{self.phase}/test_acc", self.test_acc)
 
     def _commit_epoch(self) -> int | None:
