@@ -321,24 +321,27 @@ def speed_rows(tree: SplitTree, image_shape: tuple[int, ...], batch: int, device
 
 
 def export_parts(tree: SplitTree, example: Tensor, out_dir: Path, onnx: bool = False) -> Path:
-    """Export the trunk and each top-level branch separately with a free batch size: ``trunk.pt2`` and
-    ``branch<i>.pt2`` (torch.export), with ``onnx`` also ``trunk.onnx`` and ``branch<i>.onnx``, and a manifest
-    holding the class order."""
+    """Export the trunk and each top-level branch separately with a free batch size: ``trunk.pt2`` (the trunk,
+    returning each branch's own input channels, so that only those travel to it) and ``branch<i>.pt2`` (torch.export),
+    with ``onnx`` also ``trunk.onnx`` (outputs ``branch<i>``) and ``branch<i>.onnx``, and a manifest holding the class
+    order."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tree = copy.deepcopy(tree).eval()
     if example.shape[0] < 2:  # torch.export specialises a batch of one; two keep the batch dimension free
         example = example.expand(2, *example.shape[1:]).contiguous()
-    parts = {"trunk": tree.trunk, **{f"branch{i}": _Unit(branch).eval() for i, branch in enumerate(tree.branches)}}
+    names = [f"branch{i}" for i in range(len(tree.branches))]
+    parts = {"trunk": _Shared(tree, [[i] for i in range(len(names))]).eval(),
+             **{name: _Unit(branch, selected=True).eval() for name, branch in zip(names, tree.branches)}}
     batch = {0: torch.export.Dim("batch", min=1)}
     with torch.no_grad():
-        features = tree.trunk(example)
+        branch_inputs = dict(zip(names, parts["trunk"](example)))
         for name, part in parts.items():
-            inputs = (example if name == "trunk" else features,)
+            inputs = (example if name == "trunk" else branch_inputs[name],)
             torch.export.save(torch.export.export(part, inputs, dynamic_shapes=(batch,)), out_dir / f"{name}.pt2")
             if onnx:
                 torch.onnx.export(part, inputs, out_dir / f"{name}.onnx", dynamo=True, dynamic_shapes=(batch,),
-                                  input_names=["input"], output_names=["output"], external_data=False,
-                                  verbose=False)
+                                  input_names=["input"], output_names=names if name == "trunk" else ["output"],
+                                  external_data=False, verbose=False)
     manifest = {"branches": len(tree.branches), "class_index": tree.class_index.tolist()}
     (out_dir / "manifest.json").write_text(json.dumps(manifest))
     return out_dir
@@ -365,8 +368,9 @@ class ExportedTree(nn.Module):
         self.register_buffer("class_index", torch.tensor(manifest["class_index"]), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        features = self.trunk(x)
-        return torch.cat([branch(features) for branch in self.branches], 1).index_select(1, self.class_index)
+        branch_inputs = self.trunk(x)
+        logits = [branch(inputs) for branch, inputs in zip(self.branches, branch_inputs, strict=True)]
+        return torch.cat(logits, 1).index_select(1, self.class_index)
 
 
 class OnnxTree:
@@ -385,9 +389,8 @@ class OnnxTree:
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """Logits (N x classes, class order) for float32 images (N x C x H x W)."""
-        features = self.sessions["trunk"].run(None, {"input": images})[0]
-        logits = [session.run(None, {"input": features})[0] for name, session in self.sessions.items()
-                  if name != "trunk"]
+        branch_inputs = self.sessions["trunk"].run(None, {"input": images})
+        logits = [self.sessions[f"branch{i}"].run(None, {"input": inputs})[0] for i, inputs in enumerate(branch_inputs)]
         return np.concatenate(logits, 1)[:, self.class_index]
 
 

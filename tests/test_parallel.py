@@ -127,6 +127,12 @@ def test_exported_parts_reload_equal(split, onnx, tmp_path: Path):
     with torch.no_grad():
         expected = tree(images)
         torch.testing.assert_close(ExportedTree(tmp_path)(images), expected, rtol=1e-5, atol=1e-6)
+        # the trunk part hands each branch only that branch's channels
+        branch_inputs = torch.export.load(tmp_path / "trunk.pt2").module()(images)
+        features = tree.trunk(images)
+        for inputs, branch in zip(branch_inputs, tree.branches, strict=True):
+            own = features if branch.in_index is None else features[:, branch.in_index]
+            torch.testing.assert_close(inputs, own)
     if onnx:
         logits = OnnxTree(tmp_path, providers=["CPUExecutionProvider"])(images.numpy())
         torch.testing.assert_close(torch.from_numpy(logits), expected, rtol=1e-4, atol=1e-5)
