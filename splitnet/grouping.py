@@ -129,7 +129,12 @@ class GroupAssignments(nn.Module):
         return q
 
     def regularisers(self, model: nn.Module) -> RegulariserTerms:
-        """The disjoint, group-weight and balance costs for ``model``'s current weights."""
+        """The disjoint, group-weight and balance costs for ``model``'s current weights, in float32 whatever autocast
+        is on (under bf16 their matmuls and dot products would round the assignments and weight energies)."""
+        with torch.autocast(next(iter(self.logits.values())).device.type, enabled=False):
+            return self._regularisers(model)
+
+    def _regularisers(self, model: nn.Module) -> RegulariserTerms:
         probs = self.probabilities()
         soft_groups: dict[tuple[int, str], SoftGroups] = {}  # each grouping's terms, shared by its layers
 

@@ -167,6 +167,30 @@ def test_compiled_regularisers_equal_the_eager_ones_with_their_gradients():
         torch.testing.assert_close(compiled, eager)
 
 
+def test_regularisers_are_computed_in_float32_under_bf16_autocast():
+    """Training on a GPU runs under bf16 autocast; the regularisers (small matmuls of assignments and weight energies)
+    keep float32, so their values and gradients do not depend on the trainer's precision."""
+    torch.manual_seed(0)
+    net = wide_resnet(10, 1, num_classes=10)
+    groups = parse_groups("2-2-2", net.split_plan)
+    grouping = GroupAssignments(net.split_plan, groups, net.split_plan.free_groupings(net, groups))
+
+    def terms_and_gradients(autocast: bool):
+        grouping.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            terms = grouping.regularisers(net)
+        (terms.disjoint + terms.group_weight + terms.balance).backward()
+        return terms, [alpha.grad.clone() for alpha in grouping.parameters()]
+
+    full, full_gradients = terms_and_gradients(autocast=False)
+    mixed, mixed_gradients = terms_and_gradients(autocast=True)
+    for name in ("disjoint", "group_weight", "balance"):
+        assert getattr(mixed, name).dtype == torch.float32
+        torch.testing.assert_close(getattr(mixed, name), getattr(full, name))
+    for expected, actual in zip(full_gradients, mixed_gradients, strict=True):
+        torch.testing.assert_close(actual, expected)
+
+
 def planted_layer(
     inputs: int = 64, outputs: int = 32, leak: float = 0.1
 ) -> tuple[torch.nn.Module, GroupAssignments, torch.Tensor, torch.Tensor]:
