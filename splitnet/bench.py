@@ -362,16 +362,19 @@ def main(argv: list[str] | None = None) -> int:
     else:
         parts = ([] if args.skip_inference else [inference_rows(args, device)]) + (
             [] if args.skip_train else [training_rows(args, device)])
-    rows = collect(itertools.chain(*parts), args.json, device, vars(args))
-    print("\n" + format_rows(rows))
+    tables = collect(itertools.chain(*parts), args.json, device, vars(args))
+    if len(tables) > 1:
+        print("\nall tables\n" + format_rows([row for table in tables for row in table]))
     return 0
 
 
-def collect(tables: Iterable[list[dict]], path: Path | None, device: torch.device, command: dict) -> list[dict]:
-    """All rows of ``tables``, each table printed as it comes and, with ``path``, every row so far written there
-    with the date, the machine and the command (so a run cut short keeps what it measured)."""
+def collect(tables: Iterable[list[dict]], path: Path | None, device: torch.device, command: dict) -> list[list[dict]]:
+    """The ``tables``, each printed as it comes and, with ``path``, every row so far written there with the date, the
+    machine and the command (so a run cut short keeps what it measured)."""
+    done: list[list[dict]] = []
     rows: list[dict] = []
     for table in tables:
+        done.append(table)
         rows += table
         print(format_rows(table), flush=True)
         if path:
@@ -379,7 +382,7 @@ def collect(tables: Iterable[list[dict]], path: Path | None, device: torch.devic
             path.write_text(json.dumps({"date": str(date.today()), "device": device_name(device),
                                         "torch": torch.__version__, "command": command, "rows": rows},
                                        indent=2, default=str))
-    return rows
+    return done
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ def group_weight_cost(weight: Tensor, p: Tensor | SoftGroups, q: Tensor | SoftGr
     energy = weight_energy(weight)
     rows = torch.dot(_sqrt(q.squared @ energy).flatten(), p.rest.flatten())  # inputs: G x I against 1 - p
     cols = torch.dot(_sqrt(p.squared @ energy.T).flatten(), q.rest.flatten())  # outputs: G x O against 1 - q
-    init_std = math.sqrt(1.0 / (weight[0, 0].numel() * inputs))
+    init_std = math.sqrt(1.0 / (math.prod(weight.shape[2:]) * inputs))
     scale = groups / (2 * (groups - 1) * init_std)
     return torch.add(rows * (scale / (inputs * math.sqrt(outputs))), cols, alpha=scale / (math.sqrt(inputs) * outputs))
 

@@ -24,7 +24,9 @@ def test_bench_prints_and_writes_training_and_inference_rows(tmp_path, capsys):
     assert {r["setting"] for r in training} == {"plain loop", "lightning", "lightning whole epoch", "lightning group learning",
                                                 "lightning finetune"}
     assert [r["vs_dense"] for r in training if r["setting"] == "plain loop"] == [1.0]
-    assert "img_per_s" in capsys.readouterr().out and result["device"]
+    printed = capsys.readouterr().out
+    assert "img_per_s" in printed and result["device"]
+    assert printed.count("plain loop") == 2  # its table as it came, then once in all tables together
 
 
 @pytest.mark.parametrize("option, value", [("--settings", "eager,warp"), ("--train-settings", "jit")])
