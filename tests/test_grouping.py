@@ -110,6 +110,31 @@ def test_group_weight_equals_its_definition_with_its_gradients(shape: tuple[int,
         torch.testing.assert_close(gradient, expected_gradient)
 
 
+def test_group_weight_of_an_unconnected_channel_has_finite_gradients_matching_the_definition():
+    """An input or output whose weights are all exactly zero (the fade leaves such blocks) has a zero group lasso
+    term; its gradient is the subgradient 0, so the assignments' gradients equal those of the definition with those
+    weights vanishingly small instead, and the weights' elsewhere."""
+    torch.manual_seed(0)
+    weight = torch.randn(6, 10, 3, 3, dtype=torch.float64)
+    unconnected = torch.zeros_like(weight, dtype=torch.bool)
+    unconnected[:, 0] = unconnected[1] = True  # input 0 and output 1
+    alpha_in = torch.randn(2, 10, dtype=torch.float64, requires_grad=True)
+    alpha_out = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
+
+    def value_and_gradients(cost, vanishing: float):
+        w = torch.where(unconnected, vanishing * torch.randn_like(weight), weight).requires_grad_()
+        value = cost(w, torch.softmax(alpha_in, 0), torch.softmax(alpha_out, 0))
+        return (value, *torch.autograd.grad(value, (w, alpha_in, alpha_out)))
+
+    value, weight_grad, *alpha_grads = value_and_gradients(group_weight_cost, 0.0)
+    expected, expected_weight_grad, *expected_alpha_grads = value_and_gradients(literal_group_weight_cost, 1e-30)
+    torch.testing.assert_close(value, expected)
+    assert torch.isfinite(weight_grad).all() and not weight_grad[unconnected].any()
+    torch.testing.assert_close(weight_grad[~unconnected], expected_weight_grad[~unconnected])
+    for gradient, expected_gradient in zip(alpha_grads, expected_alpha_grads, strict=True):
+        torch.testing.assert_close(gradient, expected_gradient)
+
+
 def test_assignments_are_softmax_over_groups_and_learn_from_the_regularisers():
     torch.manual_seed(0)
     model = wide_resnet(16, 1, num_classes=10)
