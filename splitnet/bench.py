@@ -88,7 +88,9 @@ def bf16_autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContex
 COMPILE_MODES = {"compile": None, "cudagraphs": "reduce-overhead", "autotune": "max-autotune-no-cudagraphs",
                  "autotune_cudagraphs": "max-autotune"}
 INFERENCE_SETTINGS = ("eager", "channels_last", *COMPILE_MODES)
-TRAIN_SETTINGS = {"eager": False, "compile": True, "cudagraphs": "reduce-overhead"}  # -> SplitNetModule(compile=...)
+# the training settings as SplitNetModule's compile arguments; the plain loop takes the same ``compile``
+TRAIN_SETTINGS = {"eager": {"compile": False}, "compile": {"compile": True}, "cudagraphs": {"compile": "reduce-overhead"},
+                  "compile_regularisers": {"compile": False, "compile_regularisers": True}}
 
 
 def prepared(model: nn.Module, setting: str, device: torch.device) -> Callable[[Tensor], Tensor]:
@@ -272,13 +274,13 @@ def training_rows(args: argparse.Namespace, device: torch.device) -> Iterator[li
         epoch_data = _RandomImages(shape, classes, batch * args.epoch_steps, batch_size=batch)
         rows = []
         for setting in args.train_settings:
-            compile_mode, suffix = TRAIN_SETTINGS[setting], "" if setting == "eager" else f" {setting}"
+            compile_args, suffix = TRAIN_SETTINGS[setting], "" if setting == "eager" else f" {setting}"
 
             def module(split: str) -> SplitNetModule:
                 split_cfg = {"groups": split, "assign": "balanced", "gamma1": 1.0, "gamma2": 1.0, "gamma3": 10.0}
-                return SplitNetModule(config, classes, split_cfg, SCHEDULE, args.channels_last, compile_mode)
+                return SplitNetModule(config, classes, split_cfg, SCHEDULE, args.channels_last, **compile_args)
 
-            plain = plain_throughput(module("none").net, data, args, device, compile_mode)
+            plain = plain_throughput(module("none").net, data, args, device, compile_args["compile"])
             measured = {("plain loop", "dense"): plain}
             measured["lightning", "dense"] = lightning_throughput(module("none"), data, args, device)
             if args.epoch_steps:
@@ -324,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"inference settings: {', '.join(INFERENCE_SETTINGS)}")
     parser.add_argument("--train-settings", default="eager", type=lambda s: s.split(","),
                         help="training settings: eager, compile, cudagraphs (torch.compile, mode reduce-overhead), "
-                             "for the plain loop and every module")
+                             "for the plain loop and every module; compile_regularisers (only the regularisers)")
     parser.add_argument("--epoch-steps", default=None, type=int,
                         help="steps of the whole-epoch measurement (default: 100 on a GPU, 10 on a CPU; 0: none)")
     parser.add_argument("--repeats", default=10, type=int)

@@ -52,12 +52,13 @@ class SplitNetModule(pl.LightningModule):
         schedule: per-phase optimiser settings, ``group`` and ``finetune`` (see ``conf/schedule``).
         channels_last: keep the network and its inputs in channels-last memory format.
         compile: run the network through ``torch.compile`` (compiled again after the split): true, or one of its
-            modes, e.g. ``reduce-overhead`` (CUDA graphs).
+            modes, e.g. ``reduce-overhead`` (CUDA graphs). The regularisers are compiled with it.
+        compile_regularisers: compile only the regularisers (default mode), the network staying eager.
     """
 
     def __init__(
         self, backbone: dict, num_classes: int, split: dict, schedule: dict, channels_last: bool = False,
-        compile: bool | str = False,
+        compile: bool | str = False, compile_regularisers: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -81,15 +82,16 @@ class SplitNetModule(pl.LightningModule):
         self._prepare_net()
 
     def _prepare_net(self) -> None:
-        """Apply the memory format and compilation settings to the current network (and to the regularisers: their
-        many small operations fuse into a few kernels)."""
+        """Apply the memory format and compilation settings to the current network and to the regularisers (compiled,
+        their many small operations fuse into a few kernels)."""
         if self.hparams.channels_last:
             self.net.to(memory_format=torch.channels_last)
         mode = self.hparams.compile
         regularisers = self.grouping.regularisers if self.grouping is not None else None
         # both kept outside the module tree so that checkpoints hold the plain network's keys
         object.__setattr__(self, "_compiled_net", compiled(self.net, mode))
-        object.__setattr__(self, "_regularisers", torch.compile(regularisers) if mode and regularisers else regularisers)
+        compile_regularisers = regularisers is not None and (bool(mode) or self.hparams.compile_regularisers)
+        object.__setattr__(self, "_regularisers", torch.compile(regularisers) if compile_regularisers else regularisers)
 
     def _run(self, images: Tensor) -> Tensor:
         if self.hparams.channels_last:

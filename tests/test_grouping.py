@@ -170,13 +170,16 @@ def test_split_semantics_purity_and_nmi():
     assert half["superclass_purity"] == 0.5
 
 
-def test_compiled_regularisers_equal_the_eager_ones_with_their_gradients():
-    """model.compile also compiles the regularisers (their small operations fused): same terms, same gradients."""
+@pytest.mark.parametrize("setting", [{"compile": True}, {"compile_regularisers": True}])
+def test_compiled_regularisers_equal_the_eager_ones_with_their_gradients(setting: dict):
+    """model.compile also compiles the regularisers (their small operations fused), and model.compile_regularisers
+    compiles only them: same terms, same gradients."""
     torch.manual_seed(0)
     backbone = {"_target_": "splitnet.backbones.wide_resnet", "depth": 10, "width": 1}
     split = {"groups": "2-2-2", "gamma1": 1.0, "gamma2": 1.0, "gamma3": 10.0}
-    module = SplitNetModule(backbone, 10, split, SCHEDULE, compile=True)
+    module = SplitNetModule(backbone, 10, split, SCHEDULE, **setting)
     assert module._regularisers is not module.grouping.regularisers
+    assert (module._compiled_net is None) == ("compile" not in setting)
 
     def terms_and_gradients(regularisers):
         module.zero_grad()
