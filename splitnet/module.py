@@ -61,6 +61,9 @@ class SplitNetModule(pl.LightningModule):
         compile: bool | str = False, compile_regularisers: bool = False,
     ) -> None:
         super().__init__()
+        for name, value in (("channels_last", channels_last), ("compile_regularisers", compile_regularisers)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"model.{name}={value!r}: must be true or false")
         self.save_hyperparameters()
         check_schedule(schedule, (GROUP, FINETUNE))
         self.net: nn.Module = instantiate(backbone, num_classes=num_classes)

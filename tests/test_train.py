@@ -154,6 +154,7 @@ def test_ckpt_path_auto_resumes_only_where_there_is_a_checkpoint(tmp_path: Path)
         (("data.val_size=-3",), "data.val_size=-3: must be between 0 and the 2000 training images"),
         (("backbone.depth=15",), "backbone.depth=15: a Wide ResNet has depth 6n+4"),
         (("model.compile=turbo",), "model.compile='turbo': Unrecognized mode=turbo"),
+        (("model.compile_regularisers=maybe",), "model.compile_regularisers='maybe': must be true or false"),
     ],
 )
 def test_bad_config_fails_with_its_message(tmp_path: Path, overrides: tuple[str, ...], message: str):
