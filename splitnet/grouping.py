@@ -132,9 +132,9 @@ class GroupAssignments(nn.Module):
         """The disjoint, group-weight and balance costs for ``model``'s current weights, in float32 whatever autocast
         is on (under bf16 their matmuls and dot products would round the assignments and weight energies)."""
         with torch.autocast(next(iter(self.logits.values())).device.type, enabled=False):
-            return self._regularisers(model)
+            return self._terms(model)
 
-    def _regularisers(self, model: nn.Module) -> RegulariserTerms:
+    def _terms(self, model: nn.Module) -> RegulariserTerms:
         probs = self.probabilities()
         soft_groups: dict[tuple[int, str], SoftGroups] = {}  # each grouping's terms, shared by its layers
 

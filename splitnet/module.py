@@ -77,10 +77,9 @@ class SplitNetModule(pl.LightningModule):
         # after the commit with ``off_block_fade``: each split layer's block mask for the groups the split will cut
         self._fade_masks: dict[str, Tensor] | None = None
         self.phase_results: dict[str, dict[str, float]] = {}
-        # without argument checks: they read the labels on the host (torch.unique), a wait for the device every batch
-        self.train_acc, self.val_acc, self.test_acc = (
-            MulticlassAccuracy(num_classes, average="micro", validate_args=False) for _ in range(3)
-        )
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         set_dropout(self.net, schedule[GROUP].get("dropout", 0.0))
         self._prepare_net()
 
@@ -145,27 +144,36 @@ class SplitNetModule(pl.LightningModule):
             scalars |= {"disjoint": terms.disjoint, "group_weight": terms.group_weight, "balance": terms.balance}
         scalars["train_loss"] = loss
         self.train_acc.update(logits, labels)
-        if self._logging_step():
+        if self._checked_step(batch_idx):
             self._log_step_scalars(scalars)
         return loss
 
-    def _logging_step(self) -> bool:
-        """Whether the loggers write this step's values (every ``trainer.log_every_n_steps`` steps)."""
-        return self.trainer.fast_dev_run or self.trainer._logger_connector.should_update_logs
+    def _checked_step(self, batch_idx: int) -> bool:
+        """Whether this batch's values are read: on the steps the loggers write (every ``trainer.log_every_n_steps``,
+        every step under ``fast_dev_run``) and on the epoch's last batch, before validation and the checkpoint;
+        under gradient accumulation on the batch that ends the step only. (Lightning 2.6's own callbacks read the
+        same private properties.)"""
+        if self.trainer.fit_loop._should_accumulate():
+            return False
+        last = batch_idx + 1 == self.trainer.num_training_batches
+        return last or bool(self.trainer.fast_dev_run) or self.trainer._logger_connector.should_update_logs
 
     def _log_step_scalars(self, scalars: dict[str, Tensor]) -> None:
-        """Log the step's scalars, read to the host in one transfer, and stop a diverged run.
+        """Log the step's scalars, read to the host in one transfer, and stop a diverged run (on every rank at once).
 
-        Called on logging steps only: Lightning reads every logged device tensor on the host after every batch, which
-        would make each step wait for the device. Host tensors cost nothing to read, so the progress bar shows these
-        values as of the last logging step.
+        Called on checked steps only: Lightning reads every progress-bar value on the host after every batch, which on
+        a GPU would make each step wait for the device. Host tensors cost nothing to read, so the progress bar shows
+        these values as of the last checked step.
         """
         values = torch.stack([value.detach().float() for value in scalars.values()]).cpu()
         named = dict(zip(scalars, values))
-        if not torch.isfinite(named["train_loss"]):
+        finite_here = bool(torch.isfinite(named["train_loss"]))
+        if not self.trainer.strategy.reduce_boolean_decision(finite_here, all=True):
+            whose = f"the {self.phase} loss is {named['train_loss'].item()}" if not finite_here else (
+                f"another process's {self.phase} loss is not finite")
             raise FloatingPointError(
-                f"the {self.phase} loss is {named['train_loss'].item()} at epoch {self.current_epoch}, step "
-                f"{self.global_step}: lower the learning rate or the gammas and resume from the last checkpoint"
+                f"{whose} at epoch {self.current_epoch}, step {self.global_step}: lower the learning rate or the "
+                "gammas and resume from the last checkpoint"
             )
         for name, value in named.items():
             self.log(f"{self.phase}/{name}", value, prog_bar=name != "train_ce")

@@ -320,6 +320,10 @@ def speed_rows(tree: SplitTree, image_shape: tuple[int, ...], batch: int, device
     return rows
 
 
+# 2: the trunk part returns each branch's own input channels (1: its whole output)
+EXPORT_FORMAT = 2
+
+
 def export_parts(tree: SplitTree, example: Tensor, out_dir: Path, onnx: bool = False) -> Path:
     """Export the trunk and each top-level branch separately with a free batch size: ``trunk.pt2`` (the trunk,
     returning each branch's own input channels, so that only those travel to it) and ``branch<i>.pt2`` (torch.export),
@@ -342,7 +346,7 @@ def export_parts(tree: SplitTree, example: Tensor, out_dir: Path, onnx: bool = F
                 torch.onnx.export(part, inputs, out_dir / f"{name}.onnx", dynamo=True, dynamic_shapes=(batch,),
                                   input_names=["input"], output_names=names if name == "trunk" else ["output"],
                                   external_data=False, verbose=False)
-    manifest = {"branches": len(tree.branches), "class_index": tree.class_index.tolist()}
+    manifest = {"format": EXPORT_FORMAT, "branches": len(tree.branches), "class_index": tree.class_index.tolist()}
     (out_dir / "manifest.json").write_text(json.dumps(manifest))
     return out_dir
 
@@ -351,7 +355,11 @@ def _manifest(directory: Path) -> dict:
     path = directory / "manifest.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {directory} is not a directory written by export_parts")
-    return json.loads(path.read_text())
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{directory} was exported in format {manifest.get('format', 1)}, this version reads format "
+                         f"{EXPORT_FORMAT} (its trunk hands each branch only its own channels): export it again")
+    return manifest
 
 
 class ExportedTree(nn.Module):

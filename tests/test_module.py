@@ -20,11 +20,13 @@ BACKBONE = {"_target_": "splitnet.backbones.wide_resnet", "depth": 10, "width": 
 SPLIT = {"groups": "2-2-2", "gamma1": 1.0, "gamma2": 1.0, "gamma3": 10.0}
 
 
-def fit(module: SplitNetModule, steps: int, log_every: int, callbacks: list[pl.Callback], root: Path) -> pl.Trainer:
-    data = SyntheticDataModule(seed=0, batch_size=16, train_size=16 * (steps + 1), val_size=16, num_workers=0)
-    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, limit_val_batches=0, log_every_n_steps=log_every,
-                         logger=CSVLogger(root), enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=callbacks)
+def fit(module: SplitNetModule, batches: int, log_every: int, callbacks: list[pl.Callback], root: Path,
+        accumulate: int = 1) -> pl.Trainer:
+    """One epoch of ``batches`` batches of 16 synthetic images."""
+    data = SyntheticDataModule(seed=0, batch_size=16, train_size=16 * (batches + 1), val_size=16, num_workers=0)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, limit_val_batches=0, log_every_n_steps=log_every,
+                         accumulate_grad_batches=accumulate, logger=CSVLogger(root), enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
@@ -33,8 +35,7 @@ def fit(module: SplitNetModule, steps: int, log_every: int, callbacks: list[pl.C
 
 
 class StepRecorder(pl.Callback):
-    """Each step's loss, and per step (then at the epoch's end) how often ``self.log`` and ``torch.unique`` (a host
-    read on a GPU) were called."""
+    """Each batch's loss, and per batch (then at the epoch's end) how often ``self.log`` was called."""
 
     def __init__(self) -> None:
         self.losses: list[float] = []
@@ -51,34 +52,36 @@ class StepRecorder(pl.Callback):
         self.losses.append(outputs["loss"].item())
 
 
-def test_steps_log_their_scalars_only_on_logging_steps_and_read_nothing_on_the_host_in_between(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-):
-    """Lightning reads every logged device tensor on the host after each batch (on a GPU, a wait for the device), and
-    torchmetrics' argument checks read the labels (torch.unique): so only the steps the loggers write log anything,
-    and what they log is that step's loss and regularisers."""
+def recorded_fit(monkeypatch: pytest.MonkeyPatch, root: Path, batches: int, log_every: int,
+                 accumulate: int = 1) -> StepRecorder:
     recorder = StepRecorder()
-    log, unique = pl.LightningModule.log, torch.unique
+    log = pl.LightningModule.log
 
     def counted_log(self, name, *args, **kwargs):
         recorder.calls[-1]["log"] += 1
         return log(self, name, *args, **kwargs)
 
-    def counted_unique(*args, **kwargs):
-        recorder.calls[-1]["unique"] += 1
-        return unique(*args, **kwargs)
-
     monkeypatch.setattr(pl.LightningModule, "log", counted_log)
-    monkeypatch.setattr(torch, "unique", counted_unique)
     torch.manual_seed(0)
-    fit(SplitNetModule(BACKBONE, 10, SPLIT, SCHEDULE), steps=7, log_every=3, callbacks=[recorder], root=tmp_path)
-
-    logging_steps = [2, 5]  # Lightning writes when (step + 1) % log_every_n_steps == 0
-    step_calls = recorder.calls[:-1]
-    assert len(step_calls) == 7 and recorder.calls[-1] is recorder.epoch_end_calls
-    assert [step for step, calls in enumerate(step_calls) if calls["log"]] == logging_steps
+    fit(SplitNetModule(BACKBONE, 10, SPLIT, SCHEDULE), batches, log_every, [recorder], root, accumulate)
+    assert len(recorder.calls) == batches + 1 and recorder.calls[-1] is recorder.epoch_end_calls
     assert recorder.epoch_end_calls["log"] == 1  # the epoch's training accuracy
-    assert all(calls["unique"] == 0 for calls in recorder.calls)
+    return recorder
+
+
+def logged_batches(recorder: StepRecorder) -> list[int]:
+    return [batch for batch, calls in enumerate(recorder.calls[:-1]) if calls["log"]]
+
+
+def test_steps_log_their_scalars_only_on_logging_steps_and_the_epochs_last(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Lightning reads every progress-bar value on the host after each batch (on a GPU, a wait for the device): so only
+    the steps the loggers write, and the epoch's last (checked before validation and the checkpoint), log anything,
+    and the loggers receive that step's loss and regularisers."""
+    recorder = recorded_fit(monkeypatch, tmp_path, batches=8, log_every=3)
+    logging_steps = [2, 5]  # Lightning writes when (step + 1) % log_every_n_steps == 0
+    assert logged_batches(recorder) == [*logging_steps, 7]
     rows = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()
     header, logged = rows[0].split(","), [dict(zip(rows[0].split(","), row.split(","))) for row in rows[1:]]
     for name in ("group/train_loss", "group/train_ce", "group/disjoint", "group/group_weight", "group/balance"):
@@ -87,8 +90,15 @@ def test_steps_log_their_scalars_only_on_logging_steps_and_read_nothing_on_the_h
     assert losses == pytest.approx({step: recorder.losses[step] for step in logging_steps})
 
 
-def test_a_diverged_loss_stops_the_run_with_its_step(tmp_path: Path):
+def test_under_gradient_accumulation_only_the_batch_that_ends_a_step_logs(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch):
+    recorder = recorded_fit(monkeypatch, tmp_path, batches=8, log_every=2, accumulate=2)
+    assert logged_batches(recorder) == [3, 7]  # optimiser steps 1 and 3; batch 7 also ends the epoch
+
+
+@pytest.mark.parametrize("log_every, step", [(2, 1), (50, 3)], ids=["logging step", "epoch's last batch"])
+def test_a_diverged_loss_stops_the_run_with_its_step(tmp_path: Path, log_every: int, step: int):
     module = SplitNetModule(BACKBONE, 10, SPLIT, SCHEDULE)
     module.net.head.register_forward_hook(lambda layer, inputs, output: output * float("nan"))
-    with pytest.raises(FloatingPointError, match=r"the group loss is nan at epoch 0, step 1: lower the learning rate"):
-        fit(module, steps=4, log_every=2, callbacks=[], root=tmp_path)
+    with pytest.raises(FloatingPointError, match=rf"the group loss is nan at epoch 0, step {step}: lower the learning"):
+        fit(module, batches=4, log_every=log_every, callbacks=[], root=tmp_path)

@@ -141,3 +141,9 @@ def test_exported_parts_reload_equal(split, onnx, tmp_path: Path):
 def test_loading_a_directory_without_a_manifest_names_it(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="not a directory written by export_parts"):
         ExportedTree(tmp_path)
+
+
+def test_loading_an_export_of_an_older_format_asks_for_a_new_one(tmp_path: Path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"branches": 2, "class_index": [0, 1]}))
+    with pytest.raises(ValueError, match="exported in format 1, this version reads format 2 .*: export it again"):
+        ExportedTree(tmp_path)
