@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytorch_lightning as pl
@@ -77,6 +78,10 @@ class SplitNetModule(pl.LightningModule):
         # after the commit with ``off_block_fade``: each split layer's block mask for the groups the split will cut
         self._fade_masks: dict[str, Tensor] | None = None
         self.phase_results: dict[str, dict[str, float]] = {}
+        # whether every batch's loss since the last checked step was finite (on the device, read when checked), and
+        # the step of the first such batch
+        self._finite_since_check: Tensor | None = None
+        self._unchecked_from_step = 0
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -144,39 +149,54 @@ class SplitNetModule(pl.LightningModule):
             scalars |= {"disjoint": terms.disjoint, "group_weight": terms.group_weight, "balance": terms.balance}
         scalars["train_loss"] = loss
         self.train_acc.update(logits, labels)
-        if self._checked_step(batch_idx):
+        finite = torch.isfinite(loss.detach())
+        if self._finite_since_check is None:
+            self._finite_since_check, self._unchecked_from_step = finite, self.global_step
+        else:
+            self._finite_since_check &= finite
+        if self._checked_step():
             self._log_step_scalars(scalars)
         return loss
 
-    def _checked_step(self, batch_idx: int) -> bool:
+    def _checked_step(self) -> bool:
         """Whether this batch's values are read: on the steps the loggers write (every ``trainer.log_every_n_steps``,
-        every step under ``fast_dev_run``) and on the epoch's last batch, before validation and the checkpoint;
-        under gradient accumulation on the batch that ends the step only. (Lightning 2.6's own callbacks read the
-        same private properties.)"""
-        if self.trainer.fit_loop._should_accumulate():
+        every step under ``fast_dev_run``) and on the epoch's (or the run's) last batch, before validation and the
+        checkpoint; under gradient accumulation on the batch that ends the step only. (Lightning 2.6's own callbacks
+        read the same private properties.)"""
+        fit_loop = self.trainer.fit_loop
+        if fit_loop._should_accumulate():
             return False
-        last = batch_idx + 1 == self.trainer.num_training_batches
+        last = fit_loop.epoch_loop._num_ready_batches_reached() or 0 <= self.trainer.max_steps <= self.global_step + 1
         return last or bool(self.trainer.fast_dev_run) or self.trainer._logger_connector.should_update_logs
 
     def _log_step_scalars(self, scalars: dict[str, Tensor]) -> None:
-        """Log the step's scalars, read to the host in one transfer, and stop a diverged run (on every rank at once).
+        """Log the step's scalars, read to the host in one transfer, and stop a diverged run (on every rank at once)
+        if any batch's loss since the last check was not finite.
 
         Called on checked steps only: Lightning reads every progress-bar value on the host after every batch, which on
         a GPU would make each step wait for the device. Host tensors cost nothing to read, so the progress bar shows
         these values as of the last checked step.
         """
-        values = torch.stack([value.detach().float() for value in scalars.values()]).cpu()
-        named = dict(zip(scalars, values))
-        finite_here = bool(torch.isfinite(named["train_loss"]))
-        if not self.trainer.strategy.reduce_boolean_decision(finite_here, all=True):
-            whose = f"the {self.phase} loss is {named['train_loss'].item()}" if not finite_here else (
-                f"another process's {self.phase} loss is not finite")
-            raise FloatingPointError(
-                f"{whose} at epoch {self.current_epoch}, step {self.global_step}: lower the learning rate or the "
-                "gammas and resume from the last checkpoint"
-            )
-        for name, value in named.items():
-            self.log(f"{self.phase}/{name}", value, prog_bar=name != "train_ce")
+        values = torch.stack([value.detach().float() for value in (*scalars.values(), self._finite_since_check)]).cpu()
+        named = dict(zip(scalars, values[:-1]))
+        finite_since_check, self._finite_since_check = bool(values[-1]), None
+        if self.trainer.strategy.reduce_boolean_decision(finite_since_check, all=True):
+            for name, value in named.items():
+                self.log(f"{self.phase}/{name}", value, prog_bar=name != "train_ce")
+            return
+        loss, at = named["train_loss"].item(), f"epoch {self.current_epoch}, step {self.global_step}"
+        if finite_since_check:
+            what = f"another process's {self.phase} loss is not finite at {at}"
+        elif math.isfinite(loss):
+            steps = f"step {self.global_step}" if self._unchecked_from_step == self.global_step else (
+                f"steps {self._unchecked_from_step}-{self.global_step}")
+            what = f"the {self.phase} loss was not finite on a batch of epoch {self.current_epoch}, {steps}"
+        else:
+            what = f"the {self.phase} loss is {loss} at {at}"
+        raise FloatingPointError(f"{what}: lower the learning rate or the gammas and resume from the last checkpoint")
+
+    def on_train_start(self) -> None:
+        self._finite_since_check = None  # a fit stopped between checks leaves no flag for the next
 
     def on_train_epoch_end(self) -> None:
         self.log(f"{self.phase}/train_acc", self.train_acc)

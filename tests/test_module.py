@@ -11,6 +11,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from splitnet.bench import SCHEDULE
 from splitnet.data import SyntheticDataModule
@@ -21,12 +22,13 @@ SPLIT = {"groups": "2-2-2", "gamma1": 1.0, "gamma2": 1.0, "gamma3": 10.0}
 
 
 def fit(module: SplitNetModule, batches: int, log_every: int, callbacks: list[pl.Callback], root: Path,
-        accumulate: int = 1) -> pl.Trainer:
+        accumulate: int = 1, max_steps: int = -1) -> pl.Trainer:
     """One epoch of ``batches`` batches of 16 synthetic images."""
     data = SyntheticDataModule(seed=0, batch_size=16, train_size=16 * (batches + 1), val_size=16, num_workers=0)
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, limit_val_batches=0, log_every_n_steps=log_every,
-                         accumulate_grad_batches=accumulate, logger=CSVLogger(root), enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, max_steps=max_steps, limit_val_batches=0,
+                         log_every_n_steps=log_every, accumulate_grad_batches=accumulate, logger=CSVLogger(root),
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=callbacks)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
@@ -102,3 +104,70 @@ def test_a_diverged_loss_stops_the_run_with_its_step(tmp_path: Path, log_every: 
     module.net.head.register_forward_hook(lambda layer, inputs, output: output * float("nan"))
     with pytest.raises(FloatingPointError, match=rf"the group loss is nan at epoch 0, step {step}: lower the learning"):
         fit(module, batches=4, log_every=log_every, callbacks=[], root=tmp_path)
+
+
+
+def nan_on_batch(module: SplitNetModule, batch: int) -> list[None]:
+    """Make the loss of the ``batch``-th training batch (0-based) NaN; returns the list of forward calls so far."""
+    calls: list[None] = []
+
+    def hook(layer, inputs, output):
+        calls.append(None)
+        return output * float("nan") if len(calls) == batch + 1 else output
+
+    module.net.head.register_forward_hook(hook)
+    return calls
+
+
+@pytest.mark.parametrize("log_every, steps", [(50, "steps 0-1"), (1, "step 1")], ids=["unchecked since 0", "since 1"])
+def test_a_loss_diverged_between_checks_stops_the_run_before_the_epoch_ends(tmp_path: Path, log_every: int, steps: str):
+    """Under gradient accumulation the first micro-batch of the epoch's last step is not checked itself; the device-side
+    flag carries its non-finite loss to the check, before the optimiser step writes NaN weights into the checkpoint."""
+    module = SplitNetModule(BACKBONE, 10, SPLIT, SCHEDULE)
+    calls = nan_on_batch(module, 2)
+    with pytest.raises(FloatingPointError, match=rf"the group loss was not finite on a batch of epoch 0, {steps}: lower"):
+        fit(module, batches=4, log_every=log_every, callbacks=[], root=tmp_path, accumulate=2)
+    assert len(calls) == 4  # stopped at the step's last micro-batch, before its optimiser step
+
+
+def test_a_run_ended_by_max_steps_checks_its_last_step(tmp_path: Path):
+    module = SplitNetModule(BACKBONE, 10, SPLIT, SCHEDULE)
+    calls = nan_on_batch(module, 1)
+    with pytest.raises(FloatingPointError, match=r"the group loss is nan at epoch 0, step 1: lower"):
+        fit(module, batches=6, log_every=50, callbacks=[], root=tmp_path, max_steps=2)
+    assert len(calls) == 2
+
+
+class HostReads(TorchDispatchMode):
+    """Records the operations that read a tensor's values on the host (on a GPU, each one waits for the device)."""
+
+    READS = ("_local_scalar_dense", "nonzero", "unique", "masked_select", "is_nonzero", "equal")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if any(read in name for read in self.READS):
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_unchecked_steps_read_nothing_on_the_host(tmp_path: Path):
+    """Between checked steps the step runs ahead of the device: no ``.item()``, no data-dependent shape (torchmetrics'
+    argument checks would call ``torch.unique`` on integer predictions, not on the logits the module passes)."""
+    module = SplitNetModule(BACKBONE, 10, SPLIT, SCHEDULE)
+    step = module.training_step
+    reads: list[list[str]] = []
+
+    def recorded_step(batch, batch_idx):
+        with HostReads() as mode:
+            loss = step(batch, batch_idx)
+        reads.append(mode.reads)
+        return loss
+
+    module.training_step = recorded_step
+    fit(module, batches=4, log_every=50, callbacks=[], root=tmp_path)
+    assert reads[:3] == [[], [], []]
+    assert reads[3]  # the epoch's last batch is checked: the mode does see host reads
