@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -21,18 +22,23 @@ def _sqrt(x: Tensor) -> Tensor:
     return x.clamp_min(_TINY).sqrt()
 
 
-def disjoint_cost(q: Tensor) -> Tensor:
-    """T(q) = sum_{g>h} <q_g, q_h> / (D (G-1) / (2G)): 1 for uniform columns, 0 for one-hot ones."""
-    groups, dim = q.shape
-    gram = q @ q.T
-    pairs = (gram.sum() - gram.diagonal().sum()) / 2
-    return pairs / (dim * (groups - 1) / (2 * groups))
+def disjoint_costs(q: Tensor, segments: Tensor) -> Tensor:
+    """T of K groupings side by side: ``q`` is G x D (their columns, each a softmax over the G groups) and
+    ``segments`` D x K (1 where a column belongs to a grouping). Per grouping, T = sum_{g>h} <q_g, q_h> /
+    (D (G-1) / (2G)): 1 for uniform columns, 0 for one-hot ones. With columns summing to one, the pairs' sum is
+    (D - |q|^2) / 2."""
+    groups = q.shape[0]
+    dims = segments.sum(0)
+    squares = q.square().sum(0) @ segments
+    return (dims - squares) * (groups / (groups - 1)) / dims
 
 
-def balance_cost(q: Tensor) -> Tensor:
-    """U(q) = sum_g (sum_d q_g[d])^2 / (D^2 / G): 1 for equal group sizes, G when all columns are in one group."""
-    groups, dim = q.shape
-    return q.sum(1).square().sum() / (dim**2 / groups)
+def balance_costs(q: Tensor, segments: Tensor) -> Tensor:
+    """U of K groupings side by side (as in ``disjoint_costs``): sum_g (sum_d q_g[d])^2 / (D^2 / G) per grouping,
+    1 for equal group sizes, G when all its columns are in one group."""
+    groups = q.shape[0]
+    dims = segments.sum(0)
+    return (q @ segments).square().sum(0) * groups / dims.square()
 
 
 def weight_energy(weight: Tensor) -> Tensor:
@@ -41,39 +47,26 @@ def weight_energy(weight: Tensor) -> Tensor:
     return squared.mean(tuple(range(2, weight.dim()))) if weight.dim() > 2 else squared
 
 
-@dataclass(frozen=True)
-class SoftGroups:
-    """A soft grouping (G x D) with the two terms that every layer it touches needs: its square and 1 - it.
-
-    Built once per grouping and step, then shared by the layers that grouping feeds or comes from.
-    """
-
-    squared: Tensor
-    rest: Tensor
-
-    @classmethod
-    def of(cls, q: Tensor) -> SoftGroups:
-        return cls(q.square(), 1 - q)
-
-
-def group_weight_cost(weight: Tensor, p: Tensor | SoftGroups, q: Tensor | SoftGroups) -> Tensor:
-    """S: the normalised group lasso on the off-block-diagonal weights of one layer.
-
-    ``weight`` is a conv (O x I x k x k) or linear (O x I) weight, ``p`` (G x I) the soft grouping of its
-    inputs and ``q`` (G x O) of its outputs. With M[o, i] the squared weight from input i to output o averaged
-    over the kernel taps, input i's term for group g is sqrt(sum_o q[g, o]^2 M[o, i]) (1 - p[g, i]) (the
-    square root of a product of squares; the assignments lie in [0, 1]), and output o's alike.
-    """
-    p = p if isinstance(p, SoftGroups) else SoftGroups.of(p)
-    q = q if isinstance(q, SoftGroups) else SoftGroups.of(q)
-    groups, inputs = p.squared.shape
-    outputs = q.squared.shape[1]
-    energy = weight_energy(weight)
-    rows = torch.dot(_sqrt(q.squared @ energy).flatten(), p.rest.flatten())  # inputs: G x I against 1 - p
-    cols = torch.dot(_sqrt(p.squared @ energy.T).flatten(), q.rest.flatten())  # outputs: G x O against 1 - q
-    init_std = math.sqrt(1.0 / (math.prod(weight.shape[2:]) * inputs))
+def group_weight_scales(groups: int, inputs: int, outputs: int, taps: int) -> tuple[float, float]:
+    """The factors of one layer's input sum and output sum in S: S's normaliser 2 (G-1) std / G, std = sqrt(1 /
+    (taps I)) the weights' initial scale, with the inputs' 1 / (I sqrt O) and the outputs' 1 / (sqrt I O)."""
+    init_std = math.sqrt(1.0 / (taps * inputs))
     scale = groups / (2 * (groups - 1) * init_std)
-    return torch.add(rows * (scale / (inputs * math.sqrt(outputs))), cols, alpha=scale / (math.sqrt(inputs) * outputs))
+    return scale / (inputs * math.sqrt(outputs)), scale / (math.sqrt(inputs) * outputs)
+
+
+def group_weight_costs(energy: Tensor, p: Tensor, q: Tensor, rows_scale: Tensor, cols_scale: Tensor) -> Tensor:
+    """S of L layers at once: the normalised group lasso on each layer's off-block-diagonal weights.
+
+    ``energy`` (L x O x I) holds each layer's ``weight_energy``, zero-padded to common sizes; ``p`` (L x G x I) the
+    soft groupings of its inputs and ``q`` (L x G x O) of its outputs, padded with ones, so that padding adds
+    nothing. Input i's term for group g is sqrt(sum_o q[g, o]^2 M[o, i]) (1 - p[g, i]) (the square root of a product
+    of squares; the assignments lie in [0, 1]), and output o's alike; ``rows_scale`` and ``cols_scale`` (L) weigh
+    each layer's two sums (``group_weight_scales``).
+    """
+    rows = (_sqrt(q.square() @ energy) * (1 - p)).sum((1, 2))
+    cols = (_sqrt(p.square() @ energy.transpose(1, 2)) * (1 - q)).sum((1, 2))
+    return rows * rows_scale + cols * cols_scale
 
 
 @dataclass(frozen=True)
@@ -85,23 +78,114 @@ class RegulariserTerms:
     balance: Tensor
 
 
+@dataclass(frozen=True)
+class _SplitLayer:
+    """A split layer: its path in the dense network and the (level, name) of its input and output groupings."""
+
+    path: str
+    inputs: tuple[int, str]
+    outputs: tuple[int, str]
+
+
+class _CountGroupings(nn.Module):
+    """The free groupings of one group count side by side: one softmax and one ``disjoint_costs`` /
+    ``balance_costs`` call serve them all."""
+
+    def __init__(self, keys: list[str], dims: list[int]) -> None:
+        super().__init__()
+        self.keys = keys
+        self.starts = list(itertools.accumulate(dims, initial=0))
+        segments = torch.zeros(self.starts[-1], len(keys))
+        for k in range(len(keys)):
+            segments[self.starts[k]:self.starts[k + 1], k] = 1
+        self.register_buffer("segments", segments, persistent=False)
+
+    def columns(self, logits: nn.ParameterDict) -> Tensor:
+        """G x D: every grouping's softmax over the groups, side by side."""
+        return torch.softmax(torch.cat([logits[key] for key in self.keys], 1), 0)
+
+    def split(self, columns: Tensor) -> dict[str, Tensor]:
+        return {key: columns[:, self.starts[k]:self.starts[k + 1]] for k, key in enumerate(self.keys)}
+
+
+class _LayerBucket(nn.Module):
+    """The split layers of the levels of one group count, padded to common sizes so that one ``group_weight_costs``
+    call serves them all: their weights' paths and padding, and where their assignments' columns come from."""
+
+    def __init__(self, groups: int, layers: list[_SplitLayer], model: nn.Module) -> None:
+        super().__init__()
+        self.groups = groups
+        self.paths = [layer.path for layer in layers]
+        shapes = [model.get_submodule(path).weight.shape for path in self.paths]
+        self.outputs, self.inputs = max(shape[0] for shape in shapes), max(shape[1] for shape in shapes)
+        self.pads = [(0, self.inputs - shape[1], 0, self.outputs - shape[0]) for shape in shapes]
+        # the layers' groupings side by side, then one column of ones that pads every layer's assignments
+        sizes: dict[tuple[int, str], int] = {}
+        for layer, shape in zip(layers, shapes):
+            sizes[layer.inputs], sizes[layer.outputs] = shape[1], shape[0]
+        self.groupings = list(sizes)
+        starts = dict(zip(sizes, itertools.accumulate(sizes.values(), initial=0)))
+        ones = sum(sizes.values())
+
+        def index(grouping: tuple[int, str], padded: int) -> Tensor:
+            size = sizes[grouping]
+            return torch.cat([torch.arange(size) + starts[grouping], torch.full((padded - size,), ones)])
+
+        self.register_buffer("in_index", torch.cat([index(layer.inputs, self.inputs) for layer in layers]),
+                             persistent=False)
+        self.register_buffer("out_index", torch.cat([index(layer.outputs, self.outputs) for layer in layers]),
+                             persistent=False)
+        scales = [group_weight_scales(groups, shape[1], shape[0], math.prod(shape[2:])) for shape in shapes]
+        self.register_buffer("rows_scale", torch.tensor([rows for rows, _ in scales]), persistent=False)
+        self.register_buffer("cols_scale", torch.tensor([cols for _, cols in scales]), persistent=False)
+        self.register_buffer("ones", torch.ones(groups, 1), persistent=False)
+
+    def costs(self, model: nn.Module, groupings: dict[tuple[int, str], Tensor]) -> Tensor:
+        """S of every layer of the bucket (L); ``groupings`` holds the G x D assignment of each of its groupings."""
+        columns = torch.cat([*(groupings[grouping] for grouping in self.groupings), self.ones], 1)
+        count = len(self.paths)
+        p = columns.index_select(1, self.in_index).view(self.groups, count, self.inputs).transpose(0, 1)
+        q = columns.index_select(1, self.out_index).view(self.groups, count, self.outputs).transpose(0, 1)
+        energies = [weight_energy(model.get_submodule(path).weight) for path in self.paths]
+        energy = torch.stack([F.pad(m, pad) if any(pad) else m for m, pad in zip(energies, self.pads)])
+        return group_weight_costs(energy, p, q, self.rows_scale, self.cols_scale)
+
+
 class GroupAssignments(nn.Module):
     """Learned soft groupings of every split level: ``softmax(alpha, dim=0)`` over G x D logits, alpha ~ N(0, 0.01^2).
 
-    They never enter the forward pass; the regularisers couple them to the network's weights.
+    They never enter the forward pass; the regularisers couple them to the network's weights. The regularisers are
+    computed for all groupings, and all layers, of one group count at once: beyond each layer's weight energy, a
+    fixed number of operations whatever the number of layers (on a GPU each operation is a kernel launch, and
+    small ones are bound by the launches, not by their arithmetic).
     """
 
-    def __init__(self, plan: SplitPlan, groups: tuple[int, ...], free: dict[str, tuple[int, int]]) -> None:
+    def __init__(self, plan: SplitPlan, groups: tuple[int, ...], model: nn.Module) -> None:
+        """``model``: the dense network the plan describes (its layers' shapes)."""
         super().__init__()
         self.plan = plan
         self.groups = groups
+        free = plan.free_groupings(model, groups)
         self.logits = nn.ParameterDict(
             {key: nn.Parameter(torch.randn(count, size) * 0.01) for key, (count, size) in free.items()}
         )
+        self.free_by_count = nn.ModuleList()
+        for count in sorted({count for count, _ in free.values()}):
+            keys = [key for key, (key_count, _) in free.items() if key_count == count]
+            self.free_by_count.append(_CountGroupings(keys, [free[key][1] for key in keys]))
+        layers: dict[int, list[_SplitLayer]] = {}
+        for index, level in enumerate(plan.levels):
+            if groups[index] > 1:
+                layers.setdefault(groups[index], []).extend(
+                    _SplitLayer(f"{level.module}.{name}", (index, in_name), (index, out_name))
+                    for name, (in_name, out_name) in level.layers.items()
+                )
+        self.layer_buckets = nn.ModuleList(_LayerBucket(count, members, model) for count, members in layers.items())
 
     def probabilities(self) -> dict[str, Tensor]:
         """Each free grouping's G x D soft assignment."""
-        return {key: torch.softmax(alpha, 0) for key, alpha in self.logits.items()}
+        probs = {key: q for free in self.free_by_count for key, q in free.split(free.columns(self.logits)).items()}
+        return {key: probs[key] for key in self.logits}
 
     @torch.no_grad()
     def commit(self, sharpness: float = 20.0) -> None:
@@ -135,27 +219,15 @@ class GroupAssignments(nn.Module):
             return self._terms(model)
 
     def _terms(self, model: nn.Module) -> RegulariserTerms:
-        probs = self.probabilities()
-        soft_groups: dict[tuple[int, str], SoftGroups] = {}  # each grouping's terms, shared by its layers
-
-        def level_groups(level: int, name: str) -> SoftGroups:
-            if (level, name) not in soft_groups:
-                soft_groups[level, name] = SoftGroups.of(self.level_probabilities(probs, level, name))
-            return soft_groups[level, name]
-
-        layer_costs = []
-        for index, level in enumerate(self.plan.levels):
-            if self.groups[index] == 1:
-                continue
-            body = model.get_submodule(level.module)
-            for layer_name, (in_name, out_name) in level.layers.items():
-                weight = body.get_submodule(layer_name).weight
-                p, q = level_groups(index, in_name), level_groups(index, out_name)
-                layer_costs.append(group_weight_cost(weight, p, q))
-        costs = torch.stack(layer_costs)
+        columns = [free.columns(self.logits) for free in self.free_by_count]
+        probs = {key: q for free, cols in zip(self.free_by_count, columns) for key, q in free.split(cols).items()}
+        costs = torch.cat([
+            bucket.costs(model, {g: self.level_probabilities(probs, *g) for g in bucket.groupings})
+            for bucket in self.layer_buckets
+        ])
         weights = costs.detach()
         return RegulariserTerms(
-            disjoint=torch.stack([disjoint_cost(q) for q in probs.values()]).mean(),
+            disjoint=torch.cat([disjoint_costs(c, f.segments) for f, c in zip(self.free_by_count, columns)]).mean(),
             group_weight=(weights * costs).sum() / weights.sum().clamp_min(_TINY),
-            balance=torch.stack([balance_cost(q) for q in probs.values()]).mean(),
+            balance=torch.cat([balance_costs(c, f.segments) for f, c in zip(self.free_by_count, columns)]).mean(),
         )

@@ -70,10 +70,11 @@ class SplitNetModule(pl.LightningModule):
         self.net: nn.Module = instantiate(backbone, num_classes=num_classes)
         self.plan = self.net.split_plan
         self.groups = parse_groups(split["groups"], self.plan)
-        free = self.plan.free_groupings(self.net, self.groups)
         if split.get("assign", "argmax") not in ASSIGN_METHODS:
             raise SplitConfigError(f"split.assign='{split['assign']}' is not one of {', '.join(ASSIGN_METHODS)}")
-        self.grouping: GroupAssignments | None = GroupAssignments(self.plan, self.groups, free) if free else None
+        self.grouping: GroupAssignments | None = (
+            GroupAssignments(self.plan, self.groups, self.net) if max(self.groups) > 1 else None
+        )
         self.tree_spec: TreeSpec | None = None
         # after the commit with ``off_block_fade``: each split layer's block mask for the groups the split will cut
         self._fade_masks: dict[str, Tensor] | None = None

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from splitnet.backbones import wide_resnet
-from splitnet.grouping import GroupAssignments, balance_cost, disjoint_cost, group_weight_cost
+from splitnet.grouping import (
+    GroupAssignments,
+    balance_costs,
+    disjoint_costs,
+    group_weight_costs,
+    group_weight_scales,
+    weight_energy,
+)
 from splitnet.bench import SCHEDULE
 from splitnet.module import SplitNetModule
 from splitnet.plan import SplitLevel, SplitPlan, parse_groups
@@ -14,6 +21,21 @@ from splitnet.plan import SplitLevel, SplitPlan, parse_groups
 
 def one_hot(labels: list[int], groups: int) -> torch.Tensor:
     return torch.nn.functional.one_hot(torch.tensor(labels), groups).T.double()
+
+
+def disjoint_cost(q: torch.Tensor) -> torch.Tensor:
+    return disjoint_costs(q, torch.ones(q.shape[1], 1, dtype=q.dtype))[0]
+
+
+def balance_cost(q: torch.Tensor) -> torch.Tensor:
+    return balance_costs(q, torch.ones(q.shape[1], 1, dtype=q.dtype))[0]
+
+
+def group_weight_cost(weight: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """S of one layer, through the batched ``group_weight_costs``."""
+    rows, cols = group_weight_scales(p.shape[0], weight.shape[1], weight.shape[0], weight[0, 0].numel())
+    return group_weight_costs(weight_energy(weight)[None], p[None], q[None], torch.tensor([rows]),
+                              torch.tensor([cols]))[0]
 
 
 def test_disjoint_is_one_for_uniform_and_zero_for_one_hot_columns():
@@ -39,6 +61,17 @@ def test_balance_hand_computed():
     # group sums 1.25 and 0.75: (1.5625 + 0.5625) / (D^2 / G = 2) = 1.0625
     q = torch.tensor([[0.75, 0.5], [0.25, 0.5]])
     assert balance_cost(q).item() == pytest.approx(1.0625)
+
+
+def test_groupings_side_by_side_cost_what_each_costs_alone():
+    torch.manual_seed(0)
+    groupings = [torch.softmax(torch.randn(3, dim, dtype=torch.float64), 0) for dim in (5, 12, 7)]
+    segments = torch.block_diag(*[torch.ones(q.shape[1], 1, dtype=torch.float64) for q in groupings])
+    side_by_side = torch.cat(groupings, 1)
+    # T by its definition, sum over pairs g > h of <q_g, q_h> over D (G - 1) / (2G)
+    pairs = [sum(q[g] @ q[h] for g in range(3) for h in range(g)) / (q.shape[1] * 2 / 6) for q in groupings]
+    torch.testing.assert_close(disjoint_costs(side_by_side, segments), torch.stack(pairs))
+    torch.testing.assert_close(balance_costs(side_by_side, segments), torch.stack([balance_cost(q) for q in groupings]))
 
 
 def test_group_weight_hand_computed_linear():
@@ -135,12 +168,59 @@ def test_group_weight_of_an_unconnected_channel_has_finite_gradients_matching_th
         torch.testing.assert_close(gradient, expected_gradient)
 
 
+def literal_terms(grouping: GroupAssignments, model: torch.nn.Module) -> list[torch.Tensor]:
+    """The three terms layer by layer and grouping by grouping, from the definitions (the reference for the batched
+    computation, which pads layers of different sizes and merges upper levels' groups)."""
+    probs = grouping.probabilities()
+    costs = []
+    for index, level in enumerate(grouping.plan.levels):
+        if grouping.groups[index] == 1:
+            continue
+        for name, (in_name, out_name) in level.layers.items():
+            weight = model.get_submodule(f"{level.module}.{name}").weight
+            p, q = (grouping.level_probabilities(probs, index, n) for n in (in_name, out_name))
+            costs.append(literal_group_weight_cost(weight, p, q))
+    costs = torch.stack(costs)
+    pair_sums = [sum(q[g] @ q[h] for g in range(len(q)) for h in range(g)) for q in probs.values()]
+    return [
+        torch.stack([t / (q.shape[1] * (len(q) - 1) / (2 * len(q))) for t, q in zip(pair_sums, probs.values())]).mean(),
+        (costs.detach() * costs).sum() / costs.detach().sum(),
+        torch.stack([q.sum(1).square().sum() / (q.shape[1] ** 2 / len(q)) for q in probs.values()]).mean(),
+    ]
+
+
+@pytest.mark.parametrize("split", ["2-2-2", "1-2-4", "2-4-4"])
+def test_regularisers_of_a_network_equal_their_definitions_with_their_gradients(split: str):
+    """All layers of one group count are computed at once, padded to common sizes: the terms and every gradient
+    equal the layer-by-layer definitions (layers of three sizes, 1x1 and 3x3 kernels, merged upper-level groups)."""
+    torch.manual_seed(0)
+    model = wide_resnet(10, 1, num_classes=10).double()
+    groups = parse_groups(split, model.split_plan)
+    grouping = GroupAssignments(model.split_plan, groups, model).double()
+    with torch.no_grad():
+        for alpha in grouping.parameters():
+            alpha.normal_()  # far from uniform, so that every term and gradient is far from its starting value
+    leaves = [*grouping.parameters(), *model.parameters()]
+
+    def values_and_gradients(terms: list[torch.Tensor]):
+        total = terms[0] + 2 * terms[1] + 3 * terms[2]
+        return terms, [g for g in torch.autograd.grad(total, leaves, allow_unused=True) if g is not None]
+
+    terms = grouping.regularisers(model)
+    batched, gradients = values_and_gradients([terms.disjoint, terms.group_weight, terms.balance])
+    expected, expected_gradients = values_and_gradients(literal_terms(grouping, model))
+    torch.testing.assert_close(batched, expected)
+    assert len(gradients) == len(expected_gradients) > len(grouping.logits)
+    for gradient, expected_gradient in zip(gradients, expected_gradients, strict=True):
+        torch.testing.assert_close(gradient, expected_gradient)
+
+
 def test_assignments_are_softmax_over_groups_and_learn_from_the_regularisers():
     torch.manual_seed(0)
     model = wide_resnet(16, 1, num_classes=10)
     plan = model.split_plan
     groups = parse_groups("2-2-2", plan)
-    assignments = GroupAssignments(plan, groups, plan.free_groupings(model, groups))
+    assignments = GroupAssignments(plan, groups, model)
     for key, q in assignments.probabilities().items():
         assert q.shape[0] == 2
         torch.testing.assert_close(q.sum(0), torch.ones(q.shape[1]))
@@ -201,7 +281,7 @@ def test_regularisers_are_computed_in_float32_under_bf16_autocast():
     torch.manual_seed(0)
     net = wide_resnet(10, 1, num_classes=10)
     groups = parse_groups("2-2-2", net.split_plan)
-    grouping = GroupAssignments(net.split_plan, groups, net.split_plan.free_groupings(net, groups))
+    grouping = GroupAssignments(net.split_plan, groups, net)
 
     def terms_and_gradients(autocast: bool):
         grouping.zero_grad()
@@ -234,7 +314,7 @@ def planted_layer(
                                    * (same + leak * (1 - same)))
     plan = SplitPlan((), (SplitLevel("head", {"fc": ("in", "out")}),))
     torch.manual_seed(0)
-    return model, GroupAssignments(plan, (2,), plan.free_groupings(model, (2,))), in_groups, out_groups
+    return model, GroupAssignments(plan, (2,), model), in_groups, out_groups
 
 
 @pytest.mark.parametrize("normalise", [False, True])

@@ -30,7 +30,7 @@ def randomised_wrn(width: int = 2, num_classes: int = 16) -> nn.Module:
 def learned_spec(model: nn.Module, split: str, method: str):
     plan = model.split_plan
     groups = parse_groups(split, plan)
-    assignments = GroupAssignments(plan, groups, plan.free_groupings(model, groups))
+    assignments = GroupAssignments(plan, groups, model)
     with torch.no_grad():
         for alpha in assignments.logits.values():
             count, size = alpha.shape
