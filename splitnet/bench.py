@@ -122,9 +122,15 @@ def inference_speed(model: nn.Module, image_shape: tuple[int, ...], batch: int, 
             "device": device_name(device)}
 
 
+def backbone(args: argparse.Namespace) -> tuple[dict, tuple[int, ...], int]:
+    """``--backbone``'s config, image shape (``--image-size`` if given) and class count."""
+    config, shape, classes = BACKBONES[args.backbone]
+    return config, shape if args.image_size is None else (shape[0], args.image_size, args.image_size), classes
+
+
 def inference_rows(args: argparse.Namespace, device: torch.device) -> Iterator[list[dict]]:
     """The inference rows of ``--backbone``, dense and its balanced trees, one batch size at a time."""
-    config, shape, classes = BACKBONES[args.backbone]
+    config, shape, classes = backbone(args)
     dense = instantiate(config, num_classes=classes).eval()
     models = {"dense": dense} | {split: balanced_tree(dense, split).eval() for split in args.splits}
     flops = {name: count_flops(model, shape) for name, model in models.items()}
@@ -263,7 +269,7 @@ def plain_throughput(model: nn.Module, data: _RandomImages, args, device: torch.
 
 def training_rows(args: argparse.Namespace, device: torch.device) -> Iterator[list[dict]]:
     """The training rows, one batch size at a time; each against the plain loop in the same setting."""
-    config, shape, classes = BACKBONES[args.backbone]
+    config, shape, classes = backbone(args)
     dense = instantiate(config, num_classes=classes)
     flop_ratio = {"dense": 1.0} | {
         split: count_flops(dense, shape) / count_flops(balanced_tree(dense, split), shape) for split in args.splits
@@ -320,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backbone", default="wrn16_8", help=f"one of {', '.join(sorted(BACKBONES))}")
     parser.add_argument("--splits", default="2-2-2,4-4-4", type=lambda s: s.split(","))
+    parser.add_argument("--image-size", default=None, type=int,
+                        help="square images of this size instead of the backbone's (small ones show the loop's own "
+                             "cost)")
     parser.add_argument("--infer-batches", default=None, type=lambda s: [int(b) for b in s.split(",")])
     parser.add_argument("--train-batches", default=None, type=lambda s: [int(b) for b in s.split(",")])
     parser.add_argument("--settings", default=None, type=lambda s: s.split(","),

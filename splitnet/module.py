@@ -76,8 +76,8 @@ class SplitNetModule(pl.LightningModule):
             GroupAssignments(self.plan, self.groups, self.net) if max(self.groups) > 1 else None
         )
         self.tree_spec: TreeSpec | None = None
-        # after the commit with ``off_block_fade``: each split layer's block mask for the groups the split will cut
-        self._fade_masks: dict[str, Tensor] | None = None
+        # after the commit with ``off_block_fade``: each split layer's off-block mask for the groups the split will cut
+        self._off_block_masks: dict[str, Tensor] | None = None
         self.phase_results: dict[str, dict[str, float]] = {}
         # whether every batch's loss since the last checked step was finite (on the device, read when checked), and
         # the step of the first such batch
@@ -133,7 +133,7 @@ class SplitNetModule(pl.LightningModule):
         tree.train(self.net.training)
         self.net = tree
         self.grouping = None
-        self._fade_masks = None
+        self._off_block_masks = None
         self.tree_spec = spec
         set_dropout(self.net, self.hparams.schedule[FINETUNE].get("dropout", 0.0))
         self._prepare_net()
@@ -238,25 +238,26 @@ class SplitNetModule(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         """From the commit epoch on, keep the assignments hardened to balanced groups (idempotent, so resumes agree),
-        and with ``off_block_fade`` take the block masks of the groups the split will cut."""
+        and with ``off_block_fade`` take the off-block masks of the groups the split will cut."""
         commit = self._commit_epoch()
         if self.grouping is not None and commit is not None and self.current_epoch >= commit:
             self.grouping.commit()
             if self.hparams.schedule[GROUP].get("off_block_fade", False):
-                self._fade_masks = block_masks(self.net, self.plan, self.split_spec())
+                masks = block_masks(self.net, self.plan, self.split_spec())
+                self._off_block_masks = {name: 1 - mask for name, mask in masks.items()}
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """With ``off_block_fade``, after every step from the commit on, scale the split layers' off-block weights by
         r / (r + 1), r the steps left in the group phase: without other updates they fade linearly, and the last step
         sets them to zero, so that the split removes only zeros."""
-        if self._fade_masks is None:
+        if self._off_block_masks is None:
             return
         epochs_left = self.hparams.schedule[GROUP]["epochs"] - self.current_epoch
         left = max(0, epochs_left * self.trainer.num_training_batches - batch_idx - 1)
-        keep = left / (left + 1)
         with torch.no_grad():
-            for name, mask in self._fade_masks.items():
-                self.net.get_submodule(name).weight.mul_(mask + keep * (1 - mask))
+            for name, off_block in self._off_block_masks.items():
+                weight = self.net.get_submodule(name).weight
+                weight.addcmul_(weight, off_block, value=-1 / (left + 1))  # off-block w * r / (r + 1), 0 when r = 0
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Hold the assignments still before ``assignment_delay`` and after ``assignment_commit`` (shares of the

@@ -1,4 +1,5 @@
-"""Shared fixtures: running train.py in a subprocess, and the real CIFAR-100 when the shared copy is present."""
+"""Shared fixtures: running train.py in a subprocess, the real CIFAR-100 when the shared copy is present, and a
+recorder of the operations torch dispatches."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CIFAR100 = ROOT.parent / "shared" / "data" / "cifar100" / "unpack.sh"
@@ -50,3 +52,16 @@ def read_summary(run_dir: Path) -> dict:
 
 def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+
+
+class DispatchedOperations(TorchDispatchMode):
+    """The name of every operation torch dispatches inside it (on a GPU, each that computes is a kernel launch, and
+    those that read values on the host wait for the device)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))

@@ -11,11 +11,11 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from splitnet.bench import SCHEDULE
 from splitnet.data import SyntheticDataModule
 from splitnet.module import SplitNetModule
+from tests.conftest import DispatchedOperations
 
 BACKBONE = {"_target_": "splitnet.backbones.wide_resnet", "depth": 10, "width": 1}
 SPLIT = {"groups": "2-2-2", "gamma1": 1.0, "gamma2": 1.0, "gamma3": 10.0}
@@ -138,20 +138,8 @@ def test_a_run_ended_by_max_steps_checks_its_last_step(tmp_path: Path):
     assert len(calls) == 2
 
 
-class HostReads(TorchDispatchMode):
-    """Records the operations that read a tensor's values on the host (on a GPU, each one waits for the device)."""
-
-    READS = ("_local_scalar_dense", "nonzero", "unique", "masked_select", "is_nonzero", "equal")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.reads: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if any(read in name for read in self.READS):
-            self.reads.append(name)
-        return func(*args, **(kwargs or {}))
+# operations that read a tensor's values on the host
+HOST_READS = ("_local_scalar_dense", "nonzero", "unique", "masked_select", "is_nonzero", "equal")
 
 
 def test_unchecked_steps_read_nothing_on_the_host(tmp_path: Path):
@@ -162,9 +150,9 @@ def test_unchecked_steps_read_nothing_on_the_host(tmp_path: Path):
     reads: list[list[str]] = []
 
     def recorded_step(batch, batch_idx):
-        with HostReads() as mode:
+        with DispatchedOperations() as operations:
             loss = step(batch, batch_idx)
-        reads.append(mode.reads)
+        reads.append([name for name in operations.names if any(read in name for read in HOST_READS)])
         return loss
 
     module.training_step = recorded_step

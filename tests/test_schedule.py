@@ -109,12 +109,12 @@ def test_an_unknown_assignment_update_is_refused():
 
 
 def off_block_norms(module: SplitNetModule, masks: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The split layers' weights off and on their diagonal blocks, each as one norm per layer."""
+    """The split layers' weights off and on their diagonal blocks (``masks``: 1 off them), as one norm per layer."""
     off, on = [], []
     for name, mask in masks.items():
         weight = module.net.get_submodule(name).weight.detach()
-        off.append((weight * (1 - mask)).norm())
-        on.append((weight * mask).norm())
+        off.append((weight * mask).norm())
+        on.append((weight * (1 - mask)).norm())
     return torch.stack(off), torch.stack(on)
 
 
@@ -129,12 +129,12 @@ def test_off_block_fade_empties_the_off_blocks_by_the_split_so_that_the_cut_chan
         module._trainer = SimpleNamespace(current_epoch=epoch, num_training_batches=3)
         module.on_train_epoch_start()
         if done == 0:
-            start_off, start_on = off_block_norms(module, module._fade_masks)
+            start_off, start_on = off_block_norms(module, module._off_block_masks)
             assert start_off.min() > 0
         for batch in range(3):
             module.on_train_batch_end(None, None, batch)
             done += 1
-            off, on = off_block_norms(module, module._fade_masks)
+            off, on = off_block_norms(module, module._off_block_masks)
             torch.testing.assert_close(off, start_off * (steps - done) / steps)  # linear, with no other updates
             torch.testing.assert_close(on, start_on, rtol=0, atol=0)  # the diagonal blocks are left alone
     assert off.max() == 0
