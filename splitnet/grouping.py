@@ -199,9 +199,14 @@ class GroupAssignments(nn.Module):
     def normalise_gradients(self) -> None:
         """Rescale each free grouping's gradient to unit RMS, so that a step moves its logits by the learning rate
         whatever the size of the regularisers' gradient (about 1/D per entry); the direction is kept."""
-        for alpha in self.logits.values():
-            if alpha.grad is not None:
-                alpha.grad.div_(alpha.grad.square().mean().sqrt().clamp_min(_GRAD_FLOOR))
+        gradients = [alpha.grad for alpha in self.logits.values() if alpha.grad is not None]
+        if not gradients:
+            return
+        # all groupings in a handful of multi-tensor operations (as torch.optim steps), not a few per grouping
+        rms = torch._foreach_norm(gradients)
+        torch._foreach_div_(rms, [math.sqrt(gradient.numel()) for gradient in gradients])
+        torch._foreach_clamp_min_(rms, _GRAD_FLOOR)
+        torch._foreach_div_(gradients, rms)
 
     def level_probabilities(self, probs: dict[str, Tensor], level: int, name: str) -> Tensor:
         """Soft assignment of grouping ``name`` at ``level``, merging an upper level's groups where needed."""
