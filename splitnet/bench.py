@@ -305,11 +305,11 @@ def training_rows(args: argparse.Namespace, device: torch.device) -> Iterator[li
         yield rows
 
 
-def cost_rows(backbones: list[str], splits: list[str]) -> list[dict]:
+def cost_rows(backbones: list[str], splits: list[str], image_size: int | None) -> list[dict]:
     """Parameters and FLOPs per image of each backbone, dense and split with balanced groups."""
     rows = []
     for name in backbones:
-        config, shape, classes = BACKBONES[name]
+        config, shape, classes = backbone(argparse.Namespace(backbone=name, image_size=image_size))
         dense = instantiate(config, num_classes=classes).eval()
         dense_flops = count_flops(dense, shape)
         for split in ["none", *splits]:
@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--splits", default="2-2-2,4-4-4", type=lambda s: s.split(","))
     parser.add_argument("--image-size", default=None, type=int,
                         help="square images of this size instead of the backbone's (small ones show the loop's own "
-                             "cost)")
+                             "cost; not with --runs, whose runs give theirs)")
     parser.add_argument("--infer-batches", default=None, type=lambda s: [int(b) for b in s.split(",")])
     parser.add_argument("--train-batches", default=None, type=lambda s: [int(b) for b in s.split(",")])
     parser.add_argument("--settings", default=None, type=lambda s: s.split(","),
@@ -351,11 +351,14 @@ def main(argv: list[str] | None = None) -> int:
     torch._dynamo.config.recompile_limit = 64
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module="pytorch_lightning")
+    if args.image_size is not None and (args.image_size < 1 or args.runs):
+        parser.error(f"--image-size {args.image_size}: " + ("not with --runs, whose runs give their image size"
+                                                            if args.runs else "must be a positive number of pixels"))
     unknown = set(args.backbone.split(",")) - set(BACKBONES)
     if unknown:
         parser.error(f"--backbone {', '.join(sorted(unknown))}: not one of {', '.join(sorted(BACKBONES))}")
     if args.costs:
-        print(format_rows(cost_rows(args.backbone.split(","), args.splits)))
+        print(format_rows(cost_rows(args.backbone.split(","), args.splits, args.image_size)))
         return 0
     device = torch.device(args.device)
     gpu = device.type == "cuda"

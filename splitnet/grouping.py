@@ -55,18 +55,29 @@ def group_weight_scales(groups: int, inputs: int, outputs: int, taps: int) -> tu
     return scale / (inputs * math.sqrt(outputs)), scale / (math.sqrt(inputs) * outputs)
 
 
-def group_weight_costs(energy: Tensor, p: Tensor, q: Tensor, rows_scale: Tensor, cols_scale: Tensor) -> Tensor:
-    """S of L layers at once: the normalised group lasso on each layer's off-block-diagonal weights.
+@dataclass(frozen=True)
+class SoftGroups:
+    """Soft groupings (... x G x D) as the group-weight term uses them: their squares and one minus them."""
 
-    ``energy`` (L x O x I) holds each layer's ``weight_energy``, zero-padded to common sizes; ``p`` (L x G x I) the
-    soft groupings of its inputs and ``q`` (L x G x O) of its outputs, padded with ones, so that padding adds
-    nothing. Input i's term for group g is sqrt(sum_o q[g, o]^2 M[o, i]) (1 - p[g, i]) (the square root of a product
-    of squares; the assignments lie in [0, 1]), and output o's alike; ``rows_scale`` and ``cols_scale`` (L) weigh
-    each layer's two sums (``group_weight_scales``).
+    squared: Tensor
+    rest: Tensor
+
+    @classmethod
+    def of(cls, q: Tensor) -> SoftGroups:
+        return cls(q.square(), 1 - q)
+
+
+def group_weight_costs(energy: Tensor, p: SoftGroups, q: SoftGroups, rows_scale: Tensor, cols_scale: Tensor) -> Tensor:
+    """S of L layers of one shape at once: the normalised group lasso on each layer's off-block-diagonal weights.
+
+    ``energy`` (L x O x I) holds each layer's ``weight_energy``, ``p`` (L x G x I) the soft groupings of its inputs
+    and ``q`` (L x G x O) of its outputs. Input i's term for group g is sqrt(sum_o q[g, o]^2 M[o, i]) (1 - p[g, i])
+    (the square root of a product of squares; the assignments lie in [0, 1]), and output o's alike; ``rows_scale``
+    and ``cols_scale`` (L) weigh each layer's two sums (``group_weight_scales``).
     """
-    rows = (_sqrt(q.square() @ energy) * (1 - p)).sum((1, 2))
-    cols = (_sqrt(p.square() @ energy.transpose(1, 2)) * (1 - q)).sum((1, 2))
-    return rows * rows_scale + cols * cols_scale
+    rows = (_sqrt(q.squared @ energy) * p.rest).sum((1, 2))
+    cols = (_sqrt(p.squared @ energy.transpose(1, 2)) * q.rest).sum((1, 2))
+    return torch.addcmul(rows * rows_scale, cols, cols_scale)
 
 
 @dataclass(frozen=True)
@@ -83,8 +94,8 @@ class _SplitLayer:
     """A split layer: its path in the dense network and the (level, name) of its input and output groupings."""
 
     path: str
-    inputs: tuple[int, str]
-    outputs: tuple[int, str]
+    in_grouping: tuple[int, str]
+    out_grouping: tuple[int, str]
 
 
 class _CountGroupings(nn.Module):
@@ -105,59 +116,69 @@ class _CountGroupings(nn.Module):
         return torch.softmax(torch.cat([logits[key] for key in self.keys], 1), 0)
 
     def split(self, columns: Tensor) -> dict[str, Tensor]:
+        """``columns`` cut back into each grouping's G x D assignment."""
         return {key: columns[:, self.starts[k]:self.starts[k + 1]] for k, key in enumerate(self.keys)}
 
 
 class _LayerBucket(nn.Module):
-    """The split layers of the levels of one group count, padded to common sizes so that one ``group_weight_costs``
-    call serves them all: their weights' paths and padding, and where their assignments' columns come from."""
+    """Split layers of one group count and one weight-energy shape (O x I), so that one ``group_weight_costs`` call
+    serves them all: their weights' paths, the normalisation of each, and where their assignments' columns lie
+    among their group count's groupings."""
 
-    def __init__(self, groups: int, layers: list[_SplitLayer], model: nn.Module) -> None:
+    def __init__(self, count: int, layers: list[_SplitLayer], model: nn.Module, starts: dict[tuple[int, str], int]):
         super().__init__()
-        self.groups = groups
+        self.count = count
         self.paths = [layer.path for layer in layers]
         shapes = [model.get_submodule(path).weight.shape for path in self.paths]
-        self.outputs, self.inputs = max(shape[0] for shape in shapes), max(shape[1] for shape in shapes)
-        self.pads = [(0, self.inputs - shape[1], 0, self.outputs - shape[0]) for shape in shapes]
-        # the layers' groupings side by side, then one column of ones that pads every layer's assignments
-        sizes: dict[tuple[int, str], int] = {}
-        for layer, shape in zip(layers, shapes):
-            sizes[layer.inputs], sizes[layer.outputs] = shape[1], shape[0]
-        self.groupings = list(sizes)
-        starts = dict(zip(sizes, itertools.accumulate(sizes.values(), initial=0)))
-        ones = sum(sizes.values())
-
-        def index(grouping: tuple[int, str], padded: int) -> Tensor:
-            size = sizes[grouping]
-            return torch.cat([torch.arange(size) + starts[grouping], torch.full((padded - size,), ones)])
-
-        self.register_buffer("in_index", torch.cat([index(layer.inputs, self.inputs) for layer in layers]),
-                             persistent=False)
-        self.register_buffer("out_index", torch.cat([index(layer.outputs, self.outputs) for layer in layers]),
-                             persistent=False)
-        scales = [group_weight_scales(groups, shape[1], shape[0], math.prod(shape[2:])) for shape in shapes]
+        self.outputs, self.inputs = shapes[0][:2]
+        # per layer its input columns, then its output columns
+        index = [torch.cat([torch.arange(self.inputs) + starts[layer.in_grouping],
+                            torch.arange(self.outputs) + starts[layer.out_grouping]]) for layer in layers]
+        self.register_buffer("index", torch.cat(index), persistent=False)
+        scales = [group_weight_scales(count, shape[1], shape[0], math.prod(shape[2:])) for shape in shapes]
         self.register_buffer("rows_scale", torch.tensor([rows for rows, _ in scales]), persistent=False)
         self.register_buffer("cols_scale", torch.tensor([cols for _, cols in scales]), persistent=False)
-        self.register_buffer("ones", torch.ones(groups, 1), persistent=False)
+
+    def costs(self, model: nn.Module, groupings: SoftGroups) -> Tensor:
+        """S of every layer of the bucket (L); ``groupings``: its group count's groupings side by side (G x D)."""
+        picked = torch.cat([groupings.squared, groupings.rest]).index_select(1, self.index)
+        squared, rest = picked.view(2, self.count, len(self.paths), self.inputs + self.outputs).transpose(1, 2)
+        p = SoftGroups(squared[..., :self.inputs], rest[..., :self.inputs])
+        q = SoftGroups(squared[..., self.inputs:], rest[..., self.inputs:])
+        energy = torch.stack([weight_energy(model.get_submodule(path).weight) for path in self.paths])
+        return group_weight_costs(energy, p, q, self.rows_scale, self.cols_scale)
+
+
+class _CountLayers(nn.Module):
+    """The split layers of the levels of one group count: their groupings side by side, and the layers bucketed by
+    the shape of their weight energy."""
+
+    def __init__(self, count: int, layers: list[_SplitLayer], model: nn.Module) -> None:
+        super().__init__()
+        sizes: dict[tuple[int, str], int] = {}
+        buckets: dict[tuple[int, int], list[_SplitLayer]] = {}
+        for layer in layers:
+            outputs, inputs = model.get_submodule(layer.path).weight.shape[:2]
+            sizes[layer.in_grouping], sizes[layer.out_grouping] = inputs, outputs
+            buckets.setdefault((outputs, inputs), []).append(layer)
+        self.groupings = list(sizes)
+        starts = dict(zip(self.groupings, itertools.accumulate(sizes.values(), initial=0)))
+        self.buckets = nn.ModuleList(_LayerBucket(count, members, model, starts) for members in buckets.values())
 
     def costs(self, model: nn.Module, groupings: dict[tuple[int, str], Tensor]) -> Tensor:
-        """S of every layer of the bucket (L); ``groupings`` holds the G x D assignment of each of its groupings."""
-        columns = torch.cat([*(groupings[grouping] for grouping in self.groupings), self.ones], 1)
-        count = len(self.paths)
-        p = columns.index_select(1, self.in_index).view(self.groups, count, self.inputs).transpose(0, 1)
-        q = columns.index_select(1, self.out_index).view(self.groups, count, self.outputs).transpose(0, 1)
-        energies = [weight_energy(model.get_submodule(path).weight) for path in self.paths]
-        energy = torch.stack([F.pad(m, pad) if any(pad) else m for m, pad in zip(energies, self.pads)])
-        return group_weight_costs(energy, p, q, self.rows_scale, self.cols_scale)
+        """S of every layer; ``groupings`` holds the G x D assignment of each (level, name) grouping."""
+        side_by_side = SoftGroups.of(torch.cat([groupings[grouping] for grouping in self.groupings], 1))
+        return torch.cat([bucket.costs(model, side_by_side) for bucket in self.buckets])
 
 
 class GroupAssignments(nn.Module):
     """Learned soft groupings of every split level: ``softmax(alpha, dim=0)`` over G x D logits, alpha ~ N(0, 0.01^2).
 
     They never enter the forward pass; the regularisers couple them to the network's weights. The regularisers are
-    computed for all groupings, and all layers, of one group count at once: beyond each layer's weight energy, a
-    fixed number of operations whatever the number of layers (on a GPU each operation is a kernel launch, and
-    small ones are bound by the launches, not by their arithmetic).
+    computed for all groupings of one group count at once, and for all layers of one group count and shape at once:
+    beyond each layer's weight energy, a fixed number of operations per group count and layer shape, however many
+    layers share them (on a GPU each operation is a kernel launch, and small ones are bound by the launches, not by
+    their arithmetic).
     """
 
     def __init__(self, plan: SplitPlan, groups: tuple[int, ...], model: nn.Module) -> None:
@@ -175,17 +196,21 @@ class GroupAssignments(nn.Module):
             self.free_by_count.append(_CountGroupings(keys, [free[key][1] for key in keys]))
         layers: dict[int, list[_SplitLayer]] = {}
         for index, level in enumerate(plan.levels):
-            if groups[index] > 1:
-                layers.setdefault(groups[index], []).extend(
-                    _SplitLayer(f"{level.module}.{name}", (index, in_name), (index, out_name))
-                    for name, (in_name, out_name) in level.layers.items()
-                )
-        self.layer_buckets = nn.ModuleList(_LayerBucket(count, members, model) for count, members in layers.items())
+            if groups[index] == 1:
+                continue
+            for name, (in_name, out_name) in level.layers.items():
+                path = ".".join(part for part in (level.module, name) if part)  # a level may be one layer, named ""
+                layers.setdefault(groups[index], []).append(_SplitLayer(path, (index, in_name), (index, out_name)))
+        self.layers_by_count = nn.ModuleList(_CountLayers(count, members, model) for count, members in layers.items())
 
     def probabilities(self) -> dict[str, Tensor]:
         """Each free grouping's G x D soft assignment."""
-        probs = {key: q for free in self.free_by_count for key, q in free.split(free.columns(self.logits)).items()}
+        probs = self._split_columns([free.columns(self.logits) for free in self.free_by_count])
         return {key: probs[key] for key in self.logits}
+
+    def _split_columns(self, columns: list[Tensor]) -> dict[str, Tensor]:
+        """Each group count's groupings side by side (``_CountGroupings.columns``) -> each grouping's assignment."""
+        return {key: q for free, side in zip(self.free_by_count, columns) for key, q in free.split(side).items()}
 
     @torch.no_grad()
     def commit(self, sharpness: float = 20.0) -> None:
@@ -225,10 +250,10 @@ class GroupAssignments(nn.Module):
 
     def _terms(self, model: nn.Module) -> RegulariserTerms:
         columns = [free.columns(self.logits) for free in self.free_by_count]
-        probs = {key: q for free, cols in zip(self.free_by_count, columns) for key, q in free.split(cols).items()}
+        probs = self._split_columns(columns)
         costs = torch.cat([
-            bucket.costs(model, {g: self.level_probabilities(probs, *g) for g in bucket.groupings})
-            for bucket in self.layer_buckets
+            layers.costs(model, {g: self.level_probabilities(probs, *g) for g in layers.groupings})
+            for layers in self.layers_by_count
         ])
         weights = costs.detach()
         return RegulariserTerms(

@@ -171,8 +171,7 @@ class SplitNetModule(pl.LightningModule):
         return last or bool(self.trainer.fast_dev_run) or self.trainer._logger_connector.should_update_logs
 
     def _log_step_scalars(self, scalars: dict[str, Tensor]) -> None:
-        """Log the step's scalars, read to the host in one transfer, and stop a diverged run (on every rank at once)
-        if any batch's loss since the last check was not finite.
+        """Log the step's scalars, read to the host in one transfer with the finite flag, and stop a diverged run.
 
         Called on checked steps only: Lightning reads every progress-bar value on the host after every batch, which on
         a GPU would make each step wait for the device. Host tensors cost nothing to read, so the progress bar shows
@@ -180,20 +179,25 @@ class SplitNetModule(pl.LightningModule):
         """
         values = torch.stack([value.detach().float() for value in (*scalars.values(), self._finite_since_check)]).cpu()
         named = dict(zip(scalars, values[:-1]))
-        finite_since_check, self._finite_since_check = bool(values[-1]), None
+        self._stop_if_diverged(bool(values[-1]), self.global_step, named["train_loss"].item())
+        for name, value in named.items():
+            self.log(f"{self.phase}/{name}", value, prog_bar=name != "train_ce")
+
+    def _stop_if_diverged(self, finite_since_check: bool, last: int, loss: float | None = None) -> None:
+        """Raise if any batch's loss since the last check was not finite, on this process or another (every process
+        checks at the same step, so all stop together); ``last``: the step of the last batch the flag covers, ``loss``:
+        its loss, if known. Starts the next span."""
+        self._finite_since_check = None
         if self.trainer.strategy.reduce_boolean_decision(finite_since_check, all=True):
-            for name, value in named.items():
-                self.log(f"{self.phase}/{name}", value, prog_bar=name != "train_ce")
             return
-        loss, at = named["train_loss"].item(), f"epoch {self.current_epoch}, step {self.global_step}"
+        first = self._unchecked_from_step
+        steps = f"step {last}" if first == last else f"steps {first}-{last}"
         if finite_since_check:
-            what = f"another process's {self.phase} loss is not finite at {at}"
-        elif math.isfinite(loss):
-            steps = f"step {self.global_step}" if self._unchecked_from_step == self.global_step else (
-                f"steps {self._unchecked_from_step}-{self.global_step}")
-            what = f"the {self.phase} loss was not finite on a batch of epoch {self.current_epoch}, {steps}"
+            what = f"another process's {self.phase} loss is not finite (epoch {self.current_epoch}, {steps})"
         else:
-            what = f"the {self.phase} loss is {loss} at {at}"
+            what = f"the {self.phase} loss was not finite on a batch of epoch {self.current_epoch}, {steps}"
+            if loss is not None and not math.isfinite(loss):
+                what += f" (at step {last}: {loss})"
         raise FloatingPointError(f"{what}: lower the learning rate or the gammas and resume from the last checkpoint")
 
     def on_train_start(self) -> None:
@@ -280,6 +284,8 @@ class SplitNetModule(pl.LightningModule):
 
     # --- checkpoints -------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._finite_since_check is not None:  # a checkpoint between checked steps: never one of diverged weights
+            self._stop_if_diverged(bool(self._finite_since_check), self.global_step - 1)
         checkpoint["splitnet"] = {
             "groups": list(self.groups),
             "tree_spec": None if self.tree_spec is None else self.tree_spec.to_dict(),

@@ -36,6 +36,15 @@ def test_bench_refuses_an_unknown_setting_by_name(option, value, capsys):
     assert f"{option} {value.split(',')[-1]}: not one of" in capsys.readouterr().err
 
 
+def test_bench_image_size_changes_the_images_and_refuses_a_bad_size(capsys):
+    assert main(["--backbone", "wrn16_1", "--costs", "--splits", "2-2-2", "--image-size", "16"]) == 0
+    printed = capsys.readouterr().out
+    assert "16x16" in printed and "32x32" not in printed
+    with pytest.raises(SystemExit):
+        main(["--device", "cpu", "--backbone", "wrn16_1", "--image-size", "0"])
+    assert "--image-size 0: must be a positive number of pixels" in capsys.readouterr().err
+
+
 def test_bench_times_finished_runs_alone_against_the_dense_run(smoke_run, tmp_path, capsys):
     dense_run = tmp_path / "dense"
     run_train(dense_run, *SMOKE, "split=none", "trainer.limit_train_batches=2", "schedule.group.epochs=1",

@@ -22,12 +22,12 @@ SPLIT = {"groups": "2-2-2", "gamma1": 1.0, "gamma2": 1.0, "gamma3": 10.0}
 
 
 def fit(module: SplitNetModule, batches: int, log_every: int, callbacks: list[pl.Callback], root: Path,
-        accumulate: int = 1, max_steps: int = -1) -> pl.Trainer:
+        accumulate: int = 1, max_steps: int = -1, checkpoints: bool = False) -> pl.Trainer:
     """One epoch of ``batches`` batches of 16 synthetic images."""
     data = SyntheticDataModule(seed=0, batch_size=16, train_size=16 * (batches + 1), val_size=16, num_workers=0)
     trainer = pl.Trainer(accelerator="cpu", max_epochs=1, max_steps=max_steps, limit_val_batches=0,
                          log_every_n_steps=log_every, accumulate_grad_batches=accumulate, logger=CSVLogger(root),
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=checkpoints, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=callbacks)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -102,7 +102,9 @@ def test_under_gradient_accumulation_only_the_batch_that_ends_a_step_logs(tmp_pa
 def test_a_diverged_loss_stops_the_run_with_its_step(tmp_path: Path, log_every: int, step: int):
     module = SplitNetModule(BACKBONE, 10, SPLIT, SCHEDULE)
     module.net.head.register_forward_hook(lambda layer, inputs, output: output * float("nan"))
-    with pytest.raises(FloatingPointError, match=rf"the group loss is nan at epoch 0, step {step}: lower the learning"):
+    with pytest.raises(FloatingPointError,
+                       match=rf"the group loss was not finite on a batch of epoch 0, steps 0-{step} \(at step {step}: "
+                             r"nan\): lower the learning"):
         fit(module, batches=4, log_every=log_every, callbacks=[], root=tmp_path)
 
 
@@ -133,9 +135,20 @@ def test_a_loss_diverged_between_checks_stops_the_run_before_the_epoch_ends(tmp_
 def test_a_run_ended_by_max_steps_checks_its_last_step(tmp_path: Path):
     module = SplitNetModule(BACKBONE, 10, SPLIT, SCHEDULE)
     calls = nan_on_batch(module, 1)
-    with pytest.raises(FloatingPointError, match=r"the group loss is nan at epoch 0, step 1: lower"):
+    with pytest.raises(FloatingPointError, match=r"not finite on a batch of epoch 0, steps 0-1 \(at step 1: nan\)"):
         fit(module, batches=6, log_every=50, callbacks=[], root=tmp_path, max_steps=2)
     assert len(calls) == 2
+
+
+def test_a_checkpoint_between_checked_steps_is_refused_after_a_diverged_batch(tmp_path: Path):
+    """A checkpoint written between checked steps (here after every step) reads the flag first: none holds the
+    weights that a non-finite loss has reached."""
+    module = SplitNetModule(BACKBONE, 10, SPLIT, SCHEDULE)
+    nan_on_batch(module, 1)
+    every_step = pl.callbacks.ModelCheckpoint(tmp_path / "checkpoints", every_n_train_steps=1, save_top_k=-1)
+    with pytest.raises(FloatingPointError, match=r"not finite on a batch of epoch 0, step 1: lower"):
+        fit(module, batches=6, log_every=50, callbacks=[every_step], root=tmp_path, checkpoints=True)
+    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["epoch=0-step=1.ckpt"]
 
 
 # operations that read a tensor's values on the host
