@@ -139,9 +139,10 @@ class _LayerBucket(nn.Module):
         self.register_buffer("rows_scale", torch.tensor([rows for rows, _ in scales]), persistent=False)
         self.register_buffer("cols_scale", torch.tensor([cols for _, cols in scales]), persistent=False)
 
-    def costs(self, model: nn.Module, groupings: SoftGroups) -> Tensor:
-        """S of every layer of the bucket (L); ``groupings``: its group count's groupings side by side (G x D)."""
-        picked = torch.cat([groupings.squared, groupings.rest]).index_select(1, self.index)
+    def costs(self, model: nn.Module, groupings: Tensor) -> Tensor:
+        """S of every layer of the bucket (L); ``groupings``: its group count's groupings side by side, their squares
+        over one minus them (2G x D)."""
+        picked = groupings.index_select(1, self.index)
         squared, rest = picked.view(2, self.count, len(self.paths), self.inputs + self.outputs).transpose(1, 2)
         p = SoftGroups(squared[..., :self.inputs], rest[..., :self.inputs])
         q = SoftGroups(squared[..., self.inputs:], rest[..., self.inputs:])
@@ -167,8 +168,9 @@ class _CountLayers(nn.Module):
 
     def costs(self, model: nn.Module, groupings: dict[tuple[int, str], Tensor]) -> Tensor:
         """S of every layer; ``groupings`` holds the G x D assignment of each (level, name) grouping."""
-        side_by_side = SoftGroups.of(torch.cat([groupings[grouping] for grouping in self.groupings], 1))
-        return torch.cat([bucket.costs(model, side_by_side) for bucket in self.buckets])
+        side_by_side = torch.cat([groupings[grouping] for grouping in self.groupings], 1)
+        squared_over_rest = torch.cat([side_by_side.square(), 1 - side_by_side])
+        return torch.cat([bucket.costs(model, squared_over_rest) for bucket in self.buckets])
 
 
 class GroupAssignments(nn.Module):
