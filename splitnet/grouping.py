@@ -62,10 +62,6 @@ class SoftGroups:
     squared: Tensor
     rest: Tensor
 
-    @classmethod
-    def of(cls, q: Tensor) -> SoftGroups:
-        return cls(q.square(), 1 - q)
-
 
 def group_weight_costs(energy: Tensor, p: SoftGroups, q: SoftGroups, rows_scale: Tensor, cols_scale: Tensor) -> Tensor:
     """S of L layers of one shape at once: the normalised group lasso on each layer's off-block-diagonal weights.
@@ -98,9 +94,9 @@ class _SplitLayer:
     out_grouping: tuple[int, str]
 
 
-class _CountGroupings(nn.Module):
-    """The free groupings of one group count side by side: one softmax and one ``disjoint_costs`` /
-    ``balance_costs`` call serve them all."""
+class _FreeGroupingsOfCount(nn.Module):
+    """The free groupings (the learned logits) of one group count side by side: one softmax and one
+    ``disjoint_costs`` / ``balance_costs`` call serve them all."""
 
     def __init__(self, keys: list[str], dims: list[int]) -> None:
         super().__init__()
@@ -112,7 +108,7 @@ class _CountGroupings(nn.Module):
         self.register_buffer("segments", segments, persistent=False)
 
     def columns(self, logits: nn.ParameterDict) -> Tensor:
-        """G x D: every grouping's softmax over the groups, side by side."""
+        """G x D, the free columns: every grouping's softmax over the groups, side by side."""
         return torch.softmax(torch.cat([logits[key] for key in self.keys], 1), 0)
 
     def split(self, columns: Tensor) -> dict[str, Tensor]:
@@ -120,16 +116,16 @@ class _CountGroupings(nn.Module):
         return {key: columns[:, self.starts[k]:self.starts[k + 1]] for k, key in enumerate(self.keys)}
 
 
-class _LayerBucket(nn.Module):
-    """Split layers of one group count and one weight-energy shape (O x I), so that one ``group_weight_costs`` call
-    serves them all: their weights' paths, the normalisation of each, and where their assignments' columns lie
-    among their group count's groupings."""
+class _LayersOfShape(nn.Module):
+    """Split layers of one group count and one weight-energy shape (outputs x inputs), so that one
+    ``group_weight_costs`` call serves them all: their weights' paths, the normalisation of each, and where their
+    input and output columns lie among the level columns of their group count."""
 
-    def __init__(self, count: int, layers: list[_SplitLayer], model: nn.Module, starts: dict[tuple[int, str], int]):
+    def __init__(self, count: int, layers: list[_SplitLayer], shapes: list[torch.Size],
+                 starts: dict[tuple[int, str], int]) -> None:
         super().__init__()
         self.count = count
         self.paths = [layer.path for layer in layers]
-        shapes = [model.get_submodule(path).weight.shape for path in self.paths]
         self.outputs, self.inputs = shapes[0][:2]
         # per layer its input columns, then its output columns
         index = [torch.cat([torch.arange(self.inputs) + starts[layer.in_grouping],
@@ -139,48 +135,56 @@ class _LayerBucket(nn.Module):
         self.register_buffer("rows_scale", torch.tensor([rows for rows, _ in scales]), persistent=False)
         self.register_buffer("cols_scale", torch.tensor([cols for _, cols in scales]), persistent=False)
 
-    def costs(self, model: nn.Module, groupings: Tensor) -> Tensor:
-        """S of every layer of the bucket (L); ``groupings``: its group count's groupings side by side, their squares
-        over one minus them (2G x D)."""
-        picked = groupings.index_select(1, self.index)
+    def costs(self, model: nn.Module, squares_then_rests: Tensor) -> Tensor:
+        """S of each of the layers (L). ``squares_then_rests`` (2G x D): the level columns' squares, then one minus
+        them."""
+        picked = squares_then_rests.index_select(1, self.index)  # 2G x L(I+O)
+        # -> 2 x G x L x (I+O) -> 2 x L x G x (I+O): squares and rests, each L x G x (inputs, then outputs)
         squared, rest = picked.view(2, self.count, len(self.paths), self.inputs + self.outputs).transpose(1, 2)
         p = SoftGroups(squared[..., :self.inputs], rest[..., :self.inputs])
         q = SoftGroups(squared[..., self.inputs:], rest[..., self.inputs:])
-        energy = torch.stack([weight_energy(model.get_submodule(path).weight) for path in self.paths])
+        energies = [weight_energy(model.get_submodule(path).weight) for path in self.paths]
+        energy = energies[0][None] if len(energies) == 1 else torch.stack(energies)
         return group_weight_costs(energy, p, q, self.rows_scale, self.cols_scale)
 
 
-class _CountLayers(nn.Module):
-    """The split layers of the levels of one group count: their groupings side by side, and the layers bucketed by
-    the shape of their weight energy."""
+class _SplitLayersOfCount(nn.Module):
+    """The split layers of the levels of one group count: the level groupings they use, side by side (the level
+    columns: free groupings, or an upper level's merged), and the layers by the shape of their weight energy."""
 
     def __init__(self, count: int, layers: list[_SplitLayer], model: nn.Module) -> None:
         super().__init__()
         sizes: dict[tuple[int, str], int] = {}
-        buckets: dict[tuple[int, int], list[_SplitLayer]] = {}
+        by_shape: dict[tuple[int, int], list[tuple[_SplitLayer, torch.Size]]] = {}
         for layer in layers:
-            outputs, inputs = model.get_submodule(layer.path).weight.shape[:2]
-            sizes[layer.in_grouping], sizes[layer.out_grouping] = inputs, outputs
-            buckets.setdefault((outputs, inputs), []).append(layer)
+            shape = model.get_submodule(layer.path).weight.shape
+            sizes[layer.in_grouping], sizes[layer.out_grouping] = shape[1], shape[0]
+            by_shape.setdefault((shape[0], shape[1]), []).append((layer, shape))
         self.groupings = list(sizes)
         starts = dict(zip(self.groupings, itertools.accumulate(sizes.values(), initial=0)))
-        self.buckets = nn.ModuleList(_LayerBucket(count, members, model, starts) for members in buckets.values())
+        self.shapes = nn.ModuleList(
+            _LayersOfShape(count, [layer for layer, _ in members], [shape for _, shape in members], starts)
+            for members in by_shape.values()
+        )
 
     def costs(self, model: nn.Module, groupings: dict[tuple[int, str], Tensor]) -> Tensor:
         """S of every layer; ``groupings`` holds the G x D assignment of each (level, name) grouping."""
-        side_by_side = torch.cat([groupings[grouping] for grouping in self.groupings], 1)
-        squared_over_rest = torch.cat([side_by_side.square(), 1 - side_by_side])
-        return torch.cat([bucket.costs(model, squared_over_rest) for bucket in self.buckets])
+        columns = torch.cat([groupings[grouping] for grouping in self.groupings], 1)
+        squares_then_rests = torch.cat([columns.square(), 1 - columns])
+        return torch.cat([layers.costs(model, squares_then_rests) for layers in self.shapes])
 
 
 class GroupAssignments(nn.Module):
     """Learned soft groupings of every split level: ``softmax(alpha, dim=0)`` over G x D logits, alpha ~ N(0, 0.01^2).
 
-    They never enter the forward pass; the regularisers couple them to the network's weights. The regularisers are
-    computed for all groupings of one group count at once, and for all layers of one group count and shape at once:
-    beyond each layer's weight energy, a fixed number of operations per group count and layer shape, however many
-    layers share them (on a GPU each operation is a kernel launch, and small ones are bound by the launches, not by
-    their arithmetic).
+    They never enter the forward pass; the regularisers couple them to the network's weights. On a GPU each
+    operation is a kernel launch and small ones cost their launch, not their arithmetic, so the regularisers are
+    computed a group count, and a layer shape, at a time: the logits of one group count side by side, one softmax
+    (the free columns; disjoint and balance terms), each level's groupings picked or merged from them (the level
+    columns), their squares and one minus them, and for the layers of each weight-energy shape one index_select of
+    their columns and one batched ``group_weight_costs``. Beyond each layer's weight energy that is a fixed number
+    of operations per group count and shape. The helper modules hold index and scale buffers, which follow the
+    module's device and dtype and stay out of checkpoints.
     """
 
     def __init__(self, plan: SplitPlan, groups: tuple[int, ...], model: nn.Module) -> None:
@@ -195,7 +199,7 @@ class GroupAssignments(nn.Module):
         self.free_by_count = nn.ModuleList()
         for count in sorted({count for count, _ in free.values()}):
             keys = [key for key, (key_count, _) in free.items() if key_count == count]
-            self.free_by_count.append(_CountGroupings(keys, [free[key][1] for key in keys]))
+            self.free_by_count.append(_FreeGroupingsOfCount(keys, [free[key][1] for key in keys]))
         layers: dict[int, list[_SplitLayer]] = {}
         for index, level in enumerate(plan.levels):
             if groups[index] == 1:
@@ -203,7 +207,9 @@ class GroupAssignments(nn.Module):
             for name, (in_name, out_name) in level.layers.items():
                 path = ".".join(part for part in (level.module, name) if part)  # a level may be one layer, named ""
                 layers.setdefault(groups[index], []).append(_SplitLayer(path, (index, in_name), (index, out_name)))
-        self.layers_by_count = nn.ModuleList(_CountLayers(count, members, model) for count, members in layers.items())
+        self.layers_by_count = nn.ModuleList(
+            _SplitLayersOfCount(count, members, model) for count, members in sorted(layers.items())
+        )
 
     def probabilities(self) -> dict[str, Tensor]:
         """Each free grouping's G x D soft assignment."""
@@ -211,7 +217,7 @@ class GroupAssignments(nn.Module):
         return {key: probs[key] for key in self.logits}
 
     def _split_columns(self, columns: list[Tensor]) -> dict[str, Tensor]:
-        """Each group count's groupings side by side (``_CountGroupings.columns``) -> each grouping's assignment."""
+        """Each group count's free columns -> each free grouping's assignment."""
         return {key: q for free, side in zip(self.free_by_count, columns) for key, q in free.split(side).items()}
 
     @torch.no_grad()
@@ -258,8 +264,10 @@ class GroupAssignments(nn.Module):
             for layers in self.layers_by_count
         ])
         weights = costs.detach()
+        disjoint, balance = zip(*[(disjoint_costs(side, free.segments), balance_costs(side, free.segments))
+                                  for free, side in zip(self.free_by_count, columns)])
         return RegulariserTerms(
-            disjoint=torch.cat([disjoint_costs(c, f.segments) for f, c in zip(self.free_by_count, columns)]).mean(),
+            disjoint=torch.cat(disjoint).mean(),
             group_weight=(weights * costs).sum() / weights.sum().clamp_min(_TINY),
-            balance=torch.cat([balance_costs(c, f.segments) for f, c in zip(self.free_by_count, columns)]).mean(),
+            balance=torch.cat(balance).mean(),
         )

@@ -79,10 +79,11 @@ class SplitNetModule(pl.LightningModule):
         # after the commit with ``off_block_fade``: each split layer's off-block mask for the groups the split will cut
         self._off_block_masks: dict[str, Tensor] | None = None
         self.phase_results: dict[str, dict[str, float]] = {}
-        # whether every batch's loss since the last checked step was finite (on the device, read when checked), and
-        # the step of the first such batch
+        # whether every batch's loss since the last check was finite (on the device, read when checked), the steps of
+        # the first and the last such batch, and once a check has failed its message (no checkpoint is written after)
         self._finite_since_check: Tensor | None = None
-        self._unchecked_from_step = 0
+        self._unchecked_steps = (0, 0)
+        self._divergence: str | None = None
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -152,9 +153,10 @@ class SplitNetModule(pl.LightningModule):
         self.train_acc.update(logits, labels)
         finite = torch.isfinite(loss.detach())
         if self._finite_since_check is None:
-            self._finite_since_check, self._unchecked_from_step = finite, self.global_step
+            self._finite_since_check, self._unchecked_steps = finite, (self.global_step, self.global_step)
         else:
             self._finite_since_check &= finite
+            self._unchecked_steps = (self._unchecked_steps[0], self.global_step)
         if self._checked_step():
             self._log_step_scalars(scalars)
         return loss
@@ -179,18 +181,17 @@ class SplitNetModule(pl.LightningModule):
         """
         values = torch.stack([value.detach().float() for value in (*scalars.values(), self._finite_since_check)]).cpu()
         named = dict(zip(scalars, values[:-1]))
-        self._stop_if_diverged(bool(values[-1]), self.global_step, named["train_loss"].item())
+        self._stop_if_diverged(bool(values[-1]), named["train_loss"].item())
         for name, value in named.items():
             self.log(f"{self.phase}/{name}", value, prog_bar=name != "train_ce")
 
-    def _stop_if_diverged(self, finite_since_check: bool, last: int, loss: float | None = None) -> None:
+    def _stop_if_diverged(self, finite_since_check: bool, loss: float | None = None) -> None:
         """Raise if any batch's loss since the last check was not finite, on this process or another (every process
-        checks at the same step, so all stop together); ``last``: the step of the last batch the flag covers, ``loss``:
-        its loss, if known. Starts the next span."""
+        checks at the same step, so all stop together); ``loss``: the last batch's, if known. Starts the next span."""
         self._finite_since_check = None
         if self.trainer.strategy.reduce_boolean_decision(finite_since_check, all=True):
             return
-        first = self._unchecked_from_step
+        first, last = self._unchecked_steps
         steps = f"step {last}" if first == last else f"steps {first}-{last}"
         if finite_since_check:
             what = f"another process's {self.phase} loss is not finite (epoch {self.current_epoch}, {steps})"
@@ -198,10 +199,11 @@ class SplitNetModule(pl.LightningModule):
             what = f"the {self.phase} loss was not finite on a batch of epoch {self.current_epoch}, {steps}"
             if loss is not None and not math.isfinite(loss):
                 what += f" (at step {last}: {loss})"
-        raise FloatingPointError(f"{what}: lower the learning rate or the gammas and resume from the last checkpoint")
+        self._divergence = f"{what}: lower the learning rate or the gammas and resume from the last checkpoint"
+        raise FloatingPointError(self._divergence)
 
     def on_train_start(self) -> None:
-        self._finite_since_check = None  # a fit stopped between checks leaves no flag for the next
+        self._finite_since_check, self._divergence = None, None  # nothing carried over from an earlier fit
 
     def on_train_epoch_end(self) -> None:
         self.log(f"{self.phase}/train_acc", self.train_acc)
@@ -284,8 +286,19 @@ class SplitNetModule(pl.LightningModule):
 
     # --- checkpoints -------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self._finite_since_check is not None:  # a checkpoint between checked steps: never one of diverged weights
-            self._stop_if_diverged(bool(self._finite_since_check), self.global_step - 1)
+        # never a checkpoint after a batch whose loss was not finite: not between checked steps, nor on the way out
+        # of a failed check (Lightning's save_on_exception)
+        if self._divergence is not None:
+            raise FloatingPointError(self._divergence)
+        if self._finite_since_check is not None:
+            self._stop_if_diverged(bool(self._finite_since_check))
+        # nor one of weights that an update turned non-finite while its loss was finite (one read per checkpoint)
+        finite_weights = bool(torch.stack(torch._foreach_norm(list(self.parameters()))).isfinite().all())
+        if not self.trainer.strategy.reduce_boolean_decision(finite_weights, all=True):
+            self._divergence = (f"the {self.phase} weights are not finite after step {self.global_step - 1} (epoch "
+                                f"{self.current_epoch}): lower the learning rate or the gammas and resume from the last "
+                                "checkpoint")
+            raise FloatingPointError(self._divergence)
         checkpoint["splitnet"] = {
             "groups": list(self.groups),
             "tree_spec": None if self.tree_spec is None else self.tree_spec.to_dict(),

@@ -36,8 +36,8 @@ def balance_cost(q: torch.Tensor) -> torch.Tensor:
 def group_weight_cost(weight: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """S of one layer, through the batched ``group_weight_costs``."""
     rows, cols = group_weight_scales(p.shape[0], weight.shape[1], weight.shape[0], weight[0, 0].numel())
-    return group_weight_costs(weight_energy(weight)[None], SoftGroups.of(p[None]), SoftGroups.of(q[None]),
-                              torch.tensor([rows]), torch.tensor([cols]))[0]
+    return group_weight_costs(weight_energy(weight)[None], SoftGroups(p[None].square(), 1 - p[None]),
+                              SoftGroups(q[None].square(), 1 - q[None]), torch.tensor([rows]), torch.tensor([cols]))[0]
 
 
 def test_disjoint_is_one_for_uniform_and_zero_for_one_hot_columns():
@@ -73,7 +73,9 @@ def test_groupings_side_by_side_cost_what_each_costs_alone():
     # T by its definition, sum over pairs g > h of <q_g, q_h> over D (G - 1) / (2G)
     pairs = [sum(q[g] @ q[h] for g in range(3) for h in range(g)) / (q.shape[1] * 2 / 6) for q in groupings]
     torch.testing.assert_close(disjoint_costs(side_by_side, segments), torch.stack(pairs))
-    torch.testing.assert_close(balance_costs(side_by_side, segments), torch.stack([balance_cost(q) for q in groupings]))
+    # U by its definition, sum_g (sum_d q_g[d])^2 over D^2 / G
+    sizes = [q.sum(1).square().sum() / (q.shape[1] ** 2 / 3) for q in groupings]
+    torch.testing.assert_close(balance_costs(side_by_side, segments), torch.stack(sizes))
 
 
 def test_group_weight_hand_computed_linear():
@@ -172,15 +174,22 @@ def test_group_weight_of_an_unconnected_channel_has_finite_gradients_matching_th
 
 def literal_terms(grouping: GroupAssignments, model: torch.nn.Module) -> list[torch.Tensor]:
     """The three terms layer by layer and grouping by grouping, from the definitions (the reference for the batched
-    computation, which pads layers of different sizes and merges upper levels' groups)."""
+    computation); an upper level's groups are merged by summing each run of G_upper / G consecutive groups."""
     probs = {key: torch.softmax(alpha, 0) for key, alpha in grouping.logits.items()}
+
+    def level_grouping(level: int, name: str) -> torch.Tensor:
+        source_level, key = grouping.plan.source(level, name)
+        q = probs[key]
+        ratio = grouping.groups[source_level] // grouping.groups[level]
+        return torch.stack([q[g * ratio:(g + 1) * ratio].sum(0) for g in range(grouping.groups[level])])
+
     costs = []
     for index, level in enumerate(grouping.plan.levels):
         if grouping.groups[index] == 1:
             continue
         for name, (in_name, out_name) in level.layers.items():
             weight = model.get_submodule(f"{level.module}.{name}").weight
-            p, q = (grouping.level_probabilities(probs, index, n) for n in (in_name, out_name))
+            p, q = level_grouping(index, in_name), level_grouping(index, out_name)
             costs.append(literal_group_weight_cost(weight, p, q))
     costs = torch.stack(costs)
     pair_sums = [sum(q[g] @ q[h] for g in range(len(q)) for h in range(g)) for q in probs.values()]

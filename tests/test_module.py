@@ -22,13 +22,12 @@ SPLIT = {"groups": "2-2-2", "gamma1": 1.0, "gamma2": 1.0, "gamma3": 10.0}
 
 
 def fit(module: SplitNetModule, batches: int, log_every: int, callbacks: list[pl.Callback], root: Path,
-        accumulate: int = 1, max_steps: int = -1, checkpoints: bool = False) -> pl.Trainer:
-    """One epoch of ``batches`` batches of 16 synthetic images."""
+        **options) -> pl.Trainer:
+    """One epoch of ``batches`` batches of 16 synthetic images; ``options``: more or other Trainer arguments."""
     data = SyntheticDataModule(seed=0, batch_size=16, train_size=16 * (batches + 1), val_size=16, num_workers=0)
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, max_steps=max_steps, limit_val_batches=0,
-                         log_every_n_steps=log_every, accumulate_grad_batches=accumulate, logger=CSVLogger(root),
-                         enable_checkpointing=checkpoints, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=callbacks)
+    arguments = {"limit_val_batches": 0, "enable_checkpointing": False} | options
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, log_every_n_steps=log_every, logger=CSVLogger(root),
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, **arguments)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
@@ -65,7 +64,8 @@ def recorded_fit(monkeypatch: pytest.MonkeyPatch, root: Path, batches: int, log_
 
     monkeypatch.setattr(pl.LightningModule, "log", counted_log)
     torch.manual_seed(0)
-    fit(SplitNetModule(BACKBONE, 10, SPLIT, SCHEDULE), batches, log_every, [recorder], root, accumulate)
+    fit(SplitNetModule(BACKBONE, 10, SPLIT, SCHEDULE), batches, log_every, [recorder], root,
+        accumulate_grad_batches=accumulate)
     assert len(recorder.calls) == batches + 1 and recorder.calls[-1] is recorder.epoch_end_calls
     assert recorder.epoch_end_calls["log"] == 1  # the epoch's training accuracy
     return recorder
@@ -110,10 +110,12 @@ def test_a_diverged_loss_stops_the_run_with_its_step(tmp_path: Path, log_every: 
 
 
 def nan_on_batch(module: SplitNetModule, batch: int) -> list[None]:
-    """Make the loss of the ``batch``-th training batch (0-based) NaN; returns the list of forward calls so far."""
+    """Make the loss of the ``batch``-th training batch (0-based) NaN; returns the list of training forward calls."""
     calls: list[None] = []
 
     def hook(layer, inputs, output):
+        if not layer.training:  # a validation batch
+            return output
         calls.append(None)
         return output * float("nan") if len(calls) == batch + 1 else output
 
@@ -128,7 +130,7 @@ def test_a_loss_diverged_between_checks_stops_the_run_before_the_epoch_ends(tmp_
     module = SplitNetModule(BACKBONE, 10, SPLIT, SCHEDULE)
     calls = nan_on_batch(module, 2)
     with pytest.raises(FloatingPointError, match=rf"the group loss was not finite on a batch of epoch 0, {steps}: "):
-        fit(module, batches=4, log_every=log_every, callbacks=[], root=tmp_path, accumulate=2)
+        fit(module, batches=4, log_every=log_every, callbacks=[], root=tmp_path, accumulate_grad_batches=2)
     assert len(calls) == 4  # stopped at the step's last micro-batch, before its optimiser step
 
 
@@ -147,7 +149,45 @@ def test_a_checkpoint_between_checked_steps_is_refused_after_a_diverged_batch(tm
     nan_on_batch(module, 1)
     every_step = pl.callbacks.ModelCheckpoint(tmp_path / "checkpoints", every_n_train_steps=1, save_top_k=-1)
     with pytest.raises(FloatingPointError, match=r"not finite on a batch of epoch 0, step 1: lower"):
-        fit(module, batches=6, log_every=50, callbacks=[every_step], root=tmp_path, checkpoints=True)
+        fit(module, batches=6, log_every=50, callbacks=[every_step], root=tmp_path, enable_checkpointing=True)
+    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["epoch=0-step=1.ckpt"]
+
+
+def test_the_span_of_a_check_before_a_checkpoint_in_the_middle_of_an_accumulated_step(tmp_path: Path):
+    """Validation every 3 batches, accumulating over 2, checkpoints in the middle of step 1: the span ends at the step
+    of the last batch run (1), not at the last step completed (0)."""
+    module = SplitNetModule(BACKBONE, 10, SPLIT, SCHEDULE)
+    nan_on_batch(module, 2)  # the first micro-batch of step 1
+    with pytest.raises(FloatingPointError, match=r"not finite on a batch of epoch 0, steps 0-1: lower"):
+        fit(module, batches=8, log_every=50, callbacks=[], root=tmp_path, accumulate_grad_batches=2,
+            val_check_interval=3, limit_val_batches=1, num_sanity_val_steps=0, enable_checkpointing=True)
+
+
+def test_no_checkpoint_is_written_on_the_way_out_of_a_failed_check(tmp_path: Path):
+    """Lightning's save_on_exception writes a checkpoint when the check raises: it is refused too, so last.ckpt stays
+    the last one written before the loss stopped being finite."""
+    module = SplitNetModule(BACKBONE, 10, SPLIT, SCHEDULE)
+    nan_on_batch(module, 1)
+    on_exception = pl.callbacks.ModelCheckpoint(tmp_path / "checkpoints", save_last=True, save_on_exception=True)
+    with pytest.raises(FloatingPointError, match=r"not finite on a batch of epoch 0, steps 0-3 \(at step 3: nan\)"):
+        fit(module, batches=4, log_every=50, callbacks=[on_exception], root=tmp_path, enable_checkpointing=True)
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_no_checkpoint_holds_weights_an_update_made_non_finite(tmp_path: Path):
+    """An update can make weights non-finite while its own loss was finite: the checkpoint after it is refused."""
+
+    class BadUpdate(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if batch_idx == 1:
+                with torch.no_grad():
+                    pl_module.net.head.fc.weight[0, 0] = float("inf")
+
+    every_step = pl.callbacks.ModelCheckpoint(tmp_path / "checkpoints", every_n_train_steps=1, save_top_k=-1)
+    module = SplitNetModule(BACKBONE, 10, SPLIT, SCHEDULE)
+    with pytest.raises(FloatingPointError, match=r"the group weights are not finite after step 1 \(epoch 0\): lower"):
+        fit(module, batches=4, log_every=50, callbacks=[BadUpdate(), every_step], root=tmp_path,
+            enable_checkpointing=True)
     assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["epoch=0-step=1.ckpt"]
 
 
