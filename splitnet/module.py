@@ -295,9 +295,9 @@ class SplitNetModule(pl.LightningModule):
         # nor one of weights that an update turned non-finite while its loss was finite (one read per checkpoint)
         finite_weights = bool(torch.stack(torch._foreach_norm(list(self.parameters()))).isfinite().all())
         if not self.trainer.strategy.reduce_boolean_decision(finite_weights, all=True):
-            self._divergence = (f"the {self.phase} weights are not finite after step {self.global_step - 1} (epoch "
-                                f"{self.current_epoch}): lower the learning rate or the gammas and resume from the last "
-                                "checkpoint")
+            self._divergence = (f"the {self.phase} weights are not finite after step {self.global_step - 1} "
+                                f"(epoch {self.current_epoch}): lower the learning rate or the gammas and resume from "
+                                "the last checkpoint")
             raise FloatingPointError(self._divergence)
         checkpoint["splitnet"] = {
             "groups": list(self.groups),

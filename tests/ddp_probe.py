@@ -1,4 +1,5 @@
-"""Test-only callbacks: what each DDP rank ends with (weights, tree spec) or evaluated, so tests can compare ranks."""
+"""Test-only callbacks: what each DDP rank ends with (weights, tree spec) or evaluated, so tests can compare ranks;
+a loss made NaN on one rank only."""
 
 from pathlib import Path
 
@@ -33,3 +34,14 @@ class SaveSeenLabels(pl.Callback):
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         torch.save(self.seen, self.out_dir / f"labels{trainer.global_rank}.pt")
+
+
+class NanLossOnRank(pl.Callback):
+    """Makes the loss of training batch ``batch`` (0-based) NaN on rank ``rank`` only."""
+
+    def __init__(self, rank: int, batch: int) -> None:
+        self.rank, self.batch = rank, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_rank == self.rank and batch_idx == self.batch and trainer.current_epoch == 0:
+            batch[0].fill_(float("nan"))

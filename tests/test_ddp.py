@@ -33,3 +33,19 @@ def test_single_device_checkpoint_resumes_under_ddp(smoke_run: Path, tmp_path: P
     run_train(tmp_path, *SMOKE, "trainer=ddp", "trainer.devices=2", f"ckpt_path={checkpoint}")
     resumed, original = read_summary(tmp_path), read_summary(smoke_run)
     assert resumed["class_groups"] == original["class_groups"] and resumed["epochs"] == 4
+
+
+def test_a_loss_diverged_on_one_rank_stops_every_rank_before_a_checkpoint(tmp_path: Path):
+    """The epoch's last batch diverges on rank 1 only. Each rank's finite flag is all-reduced at the same check, so
+    rank 0 stops too instead of waiting forever in the gradient all-reduce, and the epoch's checkpoint is not
+    written."""
+    result = run_train(
+        tmp_path, "experiment=smoke", "data=synthetic", "trainer=ddp", "trainer.devices=2",
+        "trainer.limit_train_batches=4", "trainer.log_every_n_steps=50",
+        "+callbacks.nan._target_=tests.ddp_probe.NanLossOnRank", "+callbacks.nan.rank=1", "+callbacks.nan.batch=3",
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "the group loss was not finite on a batch of epoch 0, steps 0-3 (at step 3: nan)" in result.stderr
+    assert "another process's group loss is not finite (epoch 0, steps 0-3)" in result.stderr
+    assert not list((tmp_path / "checkpoints").glob("*.ckpt"))
