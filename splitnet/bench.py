@@ -122,15 +122,15 @@ def inference_speed(model: nn.Module, image_shape: tuple[int, ...], batch: int, 
             "device": device_name(device)}
 
 
-def backbone(args: argparse.Namespace) -> tuple[dict, tuple[int, ...], int]:
-    """``--backbone``'s config, image shape (``--image-size`` if given) and class count."""
-    config, shape, classes = BACKBONES[args.backbone]
-    return config, shape if args.image_size is None else (shape[0], args.image_size, args.image_size), classes
+def backbone(name: str, image_size: int | None) -> tuple[dict, tuple[int, ...], int]:
+    """Backbone ``name``'s config, image shape (square images of ``image_size`` if given) and class count."""
+    config, shape, classes = BACKBONES[name]
+    return config, shape if image_size is None else (shape[0], image_size, image_size), classes
 
 
 def inference_rows(args: argparse.Namespace, device: torch.device) -> Iterator[list[dict]]:
     """The inference rows of ``--backbone``, dense and its balanced trees, one batch size at a time."""
-    config, shape, classes = backbone(args)
+    config, shape, classes = backbone(args.backbone, args.image_size)
     dense = instantiate(config, num_classes=classes).eval()
     models = {"dense": dense} | {split: balanced_tree(dense, split).eval() for split in args.splits}
     flops = {name: count_flops(model, shape) for name, model in models.items()}
@@ -269,7 +269,7 @@ def plain_throughput(model: nn.Module, data: _RandomImages, args, device: torch.
 
 def training_rows(args: argparse.Namespace, device: torch.device) -> Iterator[list[dict]]:
     """The training rows, one batch size at a time; each against the plain loop in the same setting."""
-    config, shape, classes = backbone(args)
+    config, shape, classes = backbone(args.backbone, args.image_size)
     dense = instantiate(config, num_classes=classes)
     flop_ratio = {"dense": 1.0} | {
         split: count_flops(dense, shape) / count_flops(balanced_tree(dense, split), shape) for split in args.splits
@@ -309,7 +309,7 @@ def cost_rows(backbones: list[str], splits: list[str], image_size: int | None) -
     """Parameters and FLOPs per image of each backbone, dense and split with balanced groups."""
     rows = []
     for name in backbones:
-        config, shape, classes = backbone(argparse.Namespace(backbone=name, image_size=image_size))
+        config, shape, classes = backbone(name, image_size)
         dense = instantiate(config, num_classes=classes).eval()
         dense_flops = count_flops(dense, shape)
         for split in ["none", *splits]:

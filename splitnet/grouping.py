@@ -205,8 +205,8 @@ class GroupAssignments(nn.Module):
             if groups[index] == 1:
                 continue
             for name, (in_name, out_name) in level.layers.items():
-                path = ".".join(part for part in (level.module, name) if part)  # a level may be one layer, named ""
-                layers.setdefault(groups[index], []).append(_SplitLayer(path, (index, in_name), (index, out_name)))
+                layers.setdefault(groups[index], []).append(
+                    _SplitLayer(level.layer_path(name), (index, in_name), (index, out_name)))
         self.layers_by_count = nn.ModuleList(
             _SplitLayersOfCount(count, members, model) for count, members in sorted(layers.items())
         )

@@ -199,6 +199,10 @@ class SplitNetModule(pl.LightningModule):
             what = f"the {self.phase} loss was not finite on a batch of epoch {self.current_epoch}, {steps}"
             if loss is not None and not math.isfinite(loss):
                 what += f" (at step {last}: {loss})"
+        self._diverged(what)
+
+    def _diverged(self, what: str) -> None:
+        """Stop the run, and remember why: no checkpoint is written after it (``on_save_checkpoint``)."""
         self._divergence = f"{what}: lower the learning rate or the gammas and resume from the last checkpoint"
         raise FloatingPointError(self._divergence)
 
@@ -295,10 +299,8 @@ class SplitNetModule(pl.LightningModule):
         # nor one of weights that an update turned non-finite while its loss was finite (one read per checkpoint)
         finite_weights = bool(torch.stack(torch._foreach_norm(list(self.parameters()))).isfinite().all())
         if not self.trainer.strategy.reduce_boolean_decision(finite_weights, all=True):
-            self._divergence = (f"the {self.phase} weights are not finite after step {self.global_step - 1} "
-                                f"(epoch {self.current_epoch}): lower the learning rate or the gammas and resume from "
-                                "the last checkpoint")
-            raise FloatingPointError(self._divergence)
+            self._diverged(f"the {self.phase} weights are not finite after step {self.global_step - 1} "
+                           f"(epoch {self.current_epoch})")
         checkpoint["splitnet"] = {
             "groups": list(self.groups),
             "tree_spec": None if self.tree_spec is None else self.tree_spec.to_dict(),

@@ -46,6 +46,10 @@ class SplitLevel:
         """Global key of one of this level's groupings (used for parameters and in checkpoints)."""
         return f"{self.module}:{name}"
 
+    def layer_path(self, name: str) -> str:
+        """Path in the backbone of one of this level's layers; a level that is a single layer names it ``""``."""
+        return ".".join(part for part in (self.module, name) if part)
+
 
 @dataclass(frozen=True)
 class SplitPlan:

@@ -173,7 +173,7 @@ def block_masks(dense: nn.Module, plan: SplitPlan, spec: TreeSpec) -> dict[str, 
     masks = {}
     for index, level in enumerate(plan.levels):
         for layer_name, (in_name, out_name) in level.layers.items():
-            name = ".".join(part for part in (level.module, layer_name) if part)
+            name = level.layer_path(layer_name)
             weight = dense.get_submodule(name).weight
             rows = spec.labels_at(plan, index, out_name, dims)
             cols = spec.labels_at(plan, index, in_name, dims)
