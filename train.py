@@ -94,7 +94,7 @@ def train(cfg: DictConfig) -> dict:
     timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)  # callbacks.timer, unless removed
     speed = {"fit_time_s": round(timer.time_elapsed("train"), 1)} if timer else {}
     if cfg.inference_batch and trainer.is_global_zero:  # on the training device (Lightning moved the model off it)
-        speed["inference"] = inference_speed(model.net, datamodule.image_shape, cfg.inference_batch,
+        speed["inference"] = inference_speed(model.unpacked_net(), datamodule.image_shape, cfg.inference_batch,
                                              trainer.strategy.root_device, bf16="bf16" in str(trainer.precision))
     summary = build_summary(
         model, datamodule, {**model.phase_results, model.phase: finetune}, dense, trainer.current_epoch,

@@ -1,7 +1,8 @@
 """``python -m splitnet.bench``: training and inference throughput of dense networks and their split trees.
 
-Every tree is built by the project's own split code from balanced groups. Ratios are against the dense
-network at its best setting in the same run; the plain-PyTorch training loop is the reference for training.
+Every tree is built by the project's own split code from balanced groups, and run in each of ``--layouts``: its
+branches one after another, or grouped (``splitnet.grouped``). Ratios are against the dense network at its best
+setting in the same run; the plain-PyTorch training loop is the reference for training.
 With ``--runs``, the final networks of finished training runs are timed instead, against the fastest dense run.
 """
 
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from splitnet.data.base import ImageTensorDataModule
+from splitnet.grouped import GroupedTree
 from splitnet.module import SplitNetModule, compiled
 from splitnet.plan import parse_groups
 from splitnet.report import count_flops, count_params, format_rows
@@ -91,6 +93,23 @@ INFERENCE_SETTINGS = ("eager", "channels_last", *COMPILE_MODES)
 # the training settings as SplitNetModule's compile arguments; the plain loop takes the same ``compile``
 TRAIN_SETTINGS = {"eager": {"compile": False}, "compile": {"compile": True}, "cudagraphs": {"compile": "reduce-overhead"},
                   "compile_regularisers": {"compile": False, "compile_regularisers": True}}
+# how a tree runs: its branches one after another, or each level's packed into grouped layers (``splitnet.grouped``)
+LAYOUTS = ("branches", "grouped")
+
+
+def tree_name(split: str, layout: str) -> str:
+    """A tree's label in the tables: its split, and ``grouped`` for the grouped layout."""
+    return split if layout == "branches" else f"{split} grouped"
+
+
+def trees(dense: nn.Module, splits: list[str], layouts: list[str]) -> dict[str, nn.Module]:
+    """The balanced tree of every split in every layout, by ``tree_name``."""
+    built = {}
+    for split in splits:
+        tree = balanced_tree(dense, split)
+        for layout in layouts:
+            built[tree_name(split, layout)] = tree if layout == "branches" else GroupedTree(tree, dense.split_plan)
+    return built
 
 
 def prepared(model: nn.Module, setting: str, device: torch.device) -> Callable[[Tensor], Tensor]:
@@ -132,7 +151,7 @@ def inference_rows(args: argparse.Namespace, device: torch.device) -> Iterator[l
     """The inference rows of ``--backbone``, dense and its balanced trees, one batch size at a time."""
     config, shape, classes = backbone(args.backbone, args.image_size)
     dense = instantiate(config, num_classes=classes).eval()
-    models = {"dense": dense} | {split: balanced_tree(dense, split).eval() for split in args.splits}
+    models = {"dense": dense} | {name: tree.eval() for name, tree in trees(dense, args.splits, args.layouts).items()}
     flops = {name: count_flops(model, shape) for name, model in models.items()}
     labels = {name: {"model": args.backbone, "split": name} for name in models}
     ratios = {name: flops["dense"] / flops[name] for name in models}
@@ -153,7 +172,7 @@ def run_inference_rows(args: argparse.Namespace, device: torch.device) -> Iterat
         if "image_shape" not in summary:
             raise SystemExit(f"--runs {run_dir}: its summary.json has no image_shape (written before splitnet kept it)")
         name = run_dir.name
-        models[name] = SplitNetModule.load_from_checkpoint(checkpoint, map_location="cpu").net.eval()
+        models[name] = SplitNetModule.load_from_checkpoint(checkpoint, map_location="cpu").unpacked_net().eval()
         labels[name] = {"run": name, "model": summary["backbone"], "split": summary["split"]}
         ratios[name] = summary["dense_flops"] / summary["flops"]
         shapes.add(tuple(summary["image_shape"]))
@@ -272,7 +291,8 @@ def training_rows(args: argparse.Namespace, device: torch.device) -> Iterator[li
     config, shape, classes = backbone(args.backbone, args.image_size)
     dense = instantiate(config, num_classes=classes)
     flop_ratio = {"dense": 1.0} | {
-        split: count_flops(dense, shape) / count_flops(balanced_tree(dense, split), shape) for split in args.splits
+        name: count_flops(dense, shape) / count_flops(tree, shape)
+        for name, tree in trees(dense, args.splits, args.layouts).items()
     }
     for batch in args.train_batches:
         data = _RandomImages(shape, classes, batch * (args.repeats + 4), batch_size=batch)
@@ -282,9 +302,10 @@ def training_rows(args: argparse.Namespace, device: torch.device) -> Iterator[li
         for setting in args.train_settings:
             compile_args, suffix = TRAIN_SETTINGS[setting], "" if setting == "eager" else f" {setting}"
 
-            def module(split: str) -> SplitNetModule:
+            def module(split: str, layout: str = "branches") -> SplitNetModule:
                 split_cfg = {"groups": split, "assign": "balanced", "gamma1": 1.0, "gamma2": 1.0, "gamma3": 10.0}
-                return SplitNetModule(config, classes, split_cfg, SCHEDULE, args.channels_last, **compile_args)
+                return SplitNetModule(config, classes, split_cfg, SCHEDULE, args.channels_last, **compile_args,
+                                      grouped_branches=layout == "grouped")
 
             plain = plain_throughput(module("none").net, data, args, device, compile_args["compile"])
             measured = {("plain loop", "dense"): plain}
@@ -294,9 +315,11 @@ def training_rows(args: argparse.Namespace, device: torch.device) -> Iterator[li
                                                                                  device, whole_epochs=True)
             for split in args.splits:
                 measured["lightning group learning", split] = lightning_throughput(module(split), data, args, device)
-                tree = module(split)
-                tree.split()
-                measured["lightning finetune", split] = lightning_throughput(tree, data, args, device)
+                for layout in args.layouts:
+                    tree = module(split, layout)
+                    tree.split()
+                    measured["lightning finetune", tree_name(split, layout)] = lightning_throughput(tree, data, args,
+                                                                                                   device)
             reference = measured["plain loop", "dense"]
             rows += [{"mode": "training", "model": args.backbone, "split": name, "batch": batch,
                       "setting": setting_name + suffix, "img_per_s": round(value, 1),
@@ -336,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-settings", default="eager", type=lambda s: s.split(","),
                         help="training settings: eager, compile, cudagraphs (torch.compile, mode reduce-overhead), "
                              "for the plain loop and every module; compile_regularisers (only the regularisers)")
+    parser.add_argument("--layouts", default="branches,grouped", type=lambda s: s.split(","),
+                        help="how the trees run (inference and finetuning): branches (one after another), grouped "
+                             "(each level's branches packed into grouped layers; rows '<split> grouped')")
     parser.add_argument("--epoch-steps", default=None, type=int,
                         help="steps of the whole-epoch measurement (default: 100 on a GPU, 10 on a CPU; 0: none)")
     parser.add_argument("--repeats", default=10, type=int)
@@ -368,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     args.train_batches = args.train_batches or ([128, 512] if gpu else [32])
     args.settings = args.settings or (["eager", "channels_last", "compile"] + (["cudagraphs"] if gpu else []))
     for option, given, known in (("--settings", args.settings, INFERENCE_SETTINGS),
-                                 ("--train-settings", args.train_settings, tuple(TRAIN_SETTINGS))):
+                                 ("--train-settings", args.train_settings, tuple(TRAIN_SETTINGS)),
+                                 ("--layouts", args.layouts, LAYOUTS)):
         if set(given) - set(known):
             parser.error(f"{option} {', '.join(sorted(set(given) - set(known)))}: not one of {', '.join(known)}")
     if args.runs:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -13,12 +14,14 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from splitnet.errors import ConfigError
+from splitnet.grouped import GroupedTree, separate_branches
 from splitnet.grouping import GroupAssignments, RegulariserTerms
 from splitnet.plan import SplitConfigError, parse_groups
 from splitnet.schedule import build_optimizer, check_schedule
 from splitnet.surgery import ASSIGN_METHODS, TreeSpec, block_masks, build_tree, hard_assign
 
 GROUP, FINETUNE = "group", "finetune"
+log = logging.getLogger(__name__)
 
 
 def set_dropout(model: nn.Module, p: float) -> None:
@@ -55,14 +58,17 @@ class SplitNetModule(pl.LightningModule):
         compile: run the network through ``torch.compile`` (compiled again after the split): true, or one of its
             modes, e.g. ``reduce-overhead`` (CUDA graphs). The regularisers are compiled with it.
         compile_regularisers: compile only the regularisers (default mode), the network staying eager.
+        grouped_branches: finetune the tree with each level's branches packed into grouped layers
+            (``splitnet.grouped``): one kernel launch per layer for all of them instead of one per branch.
     """
 
     def __init__(
         self, backbone: dict, num_classes: int, split: dict, schedule: dict, channels_last: bool = False,
-        compile: bool | str = False, compile_regularisers: bool = False,
+        compile: bool | str = False, compile_regularisers: bool = False, grouped_branches: bool = False,
     ) -> None:
         super().__init__()
-        for name, value in (("channels_last", channels_last), ("compile_regularisers", compile_regularisers)):
+        for name, value in (("channels_last", channels_last), ("compile_regularisers", compile_regularisers),
+                            ("grouped_branches", grouped_branches)):
             if not isinstance(value, bool):
                 raise ConfigError(f"model.{name}={value!r}: must be true or false")
         self.save_hyperparameters()
@@ -107,6 +113,11 @@ class SplitNetModule(pl.LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         return (self.net if self._compiled_net is None else self._compiled_net)(images)
 
+    def unpacked_net(self) -> nn.Module:
+        """The dense network, or the tree with its branches as separate modules (unpacked if trained grouped): what
+        parameter and FLOP counts, export and branch-parallel inference take."""
+        return separate_branches(self.net)
+
     @property
     def phase(self) -> str:
         return GROUP if self.tree_spec is None else FINETUNE
@@ -127,12 +138,15 @@ class SplitNetModule(pl.LightningModule):
         self.apply_split(spec)
         return spec
 
-    def apply_split(self, spec: TreeSpec) -> None:
-        """Rebuild the network as the tree of ``spec`` (weights from the current network's diagonal blocks)."""
+    def apply_split(self, spec: TreeSpec, grouped: bool | None = None) -> None:
+        """Rebuild the network as the tree of ``spec`` (weights from the current network's diagonal blocks), its
+        branches packed into grouped layers if ``grouped`` (default: ``grouped_branches``)."""
+        grouped = self.hparams.grouped_branches if grouped is None else grouped
         with torch.no_grad():
             tree = build_tree(self.net, self.plan, spec)
-        tree.train(self.net.training)
-        self.net = tree
+            net = GroupedTree(tree, self.plan) if grouped and max(self.groups) > 1 else tree
+        net.train(self.net.training)
+        self.net = net
         self.grouping = None
         self._off_block_masks = None
         self.tree_spec = spec
@@ -304,6 +318,7 @@ class SplitNetModule(pl.LightningModule):
         checkpoint["splitnet"] = {
             "groups": list(self.groups),
             "tree_spec": None if self.tree_spec is None else self.tree_spec.to_dict(),
+            "grouped_branches": isinstance(self.net, GroupedTree),
             "phase_results": self.phase_results,
         }
 
@@ -321,4 +336,9 @@ class SplitNetModule(pl.LightningModule):
             )
         self.phase_results = state["phase_results"]
         if state["tree_spec"] is not None and self.tree_spec is None:
-            self.apply_split(TreeSpec.from_dict(state["tree_spec"]))
+            # the layout the weights (and the optimiser's state) were saved in, whatever this run's setting
+            grouped = state.get("grouped_branches", False)
+            if grouped != (self.hparams.grouped_branches and max(self.groups) > 1):
+                log.warning("the checkpoint's tree was trained with model.grouped_branches=%s: it goes on that way",
+                            str(grouped).lower())
+            self.apply_split(TreeSpec.from_dict(state["tree_spec"]), grouped)

@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 from torch import Tensor, nn
 
 from splitnet.bench import BACKBONES, balanced_tree, bf16_autocast, collect, device_name, throughputs
+from splitnet.grouped import GroupedTree, separate_branches
 from splitnet.report import count_flops, format_rows
 from splitnet.tree import Branch, SplitTree, select_channels
 
@@ -127,7 +128,8 @@ TRUNK_MODES = ("first", "split")
 
 
 class BranchParallel(nn.Module):
-    """Run a split tree with its subtrees on ``devices``; the output equals the tree's (same classes, same order).
+    """Run a split tree with its subtrees on ``devices``; the output equals the tree's (same classes, same order). A
+    ``GroupedTree`` is unpacked into its branches first.
 
     Subtrees are placed by their FLOPs so that the devices carry even loads. ``trunk="first"`` runs the shared part
     (the trunk, and for hierarchical splits the bodies above the subtrees) on the first device; ``"split"``
@@ -135,14 +137,14 @@ class BranchParallel(nn.Module):
     channels from all slices.
     """
 
-    def __init__(self, tree: SplitTree, devices: Sequence[str | torch.device], image_shape: tuple[int, ...],
-                 trunk: str = "first") -> None:
+    def __init__(self, tree: SplitTree | GroupedTree, devices: Sequence[str | torch.device],
+                 image_shape: tuple[int, ...], trunk: str = "first") -> None:
         super().__init__()
         if trunk not in TRUNK_MODES:
             raise ValueError(f"trunk={trunk!r}: not one of {', '.join(TRUNK_MODES)}")
         self.devices = [torch.device(d) for d in devices]
         self.trunk = trunk
-        tree = copy.deepcopy(tree).eval()
+        tree = copy.deepcopy(separate_branches(tree)).eval()
         units = parallel_units(tree, len(self.devices))
         parts = [_Unit(_node(tree, path), selected=True).eval() for path in units]
         costs = [float(count_flops(part, _unit_input_shape(tree, path, image_shape)))
@@ -324,13 +326,13 @@ def speed_rows(tree: SplitTree, image_shape: tuple[int, ...], batch: int, device
 EXPORT_FORMAT = 2
 
 
-def export_parts(tree: SplitTree, example: Tensor, out_dir: Path, onnx: bool = False) -> Path:
+def export_parts(tree: SplitTree | GroupedTree, example: Tensor, out_dir: Path, onnx: bool = False) -> Path:
     """Export the trunk and each top-level branch separately with a free batch size: ``trunk.pt2`` (the trunk,
     returning each branch's own input channels, so that only those travel to it) and ``branch<i>.pt2`` (torch.export),
     with ``onnx`` also ``trunk.onnx`` (outputs ``branch<i>``) and ``branch<i>.onnx``, and a manifest holding the class
-    order."""
+    order. A ``GroupedTree`` is unpacked into its branches first."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    tree = copy.deepcopy(tree).eval()
+    tree = copy.deepcopy(separate_branches(tree)).eval()
     if example.shape[0] < 2:  # torch.export specialises a batch of one; two keep the batch dimension free
         example = example.expand(2, *example.shape[1:]).contiguous()
     names = [f"branch{i}" for i in range(len(tree.branches))]

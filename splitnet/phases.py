@@ -78,7 +78,8 @@ class SplitPhase(pl.Callback):
         log.info(
             "split %s at epoch %d: params %.3fM -> %.3fM; class groups %s; channel groups %s",
             "-".join(map(str, spec.groups)), trainer.current_epoch, count_params(dense) / 1e6,
-            count_params(pl_module.net) / 1e6, [len(g) for g in pl_module.net.class_groups()], spec.group_sizes(),
+            count_params(pl_module.unpacked_net()) / 1e6, [len(g) for g in pl_module.net.class_groups()],
+            spec.group_sizes(),
         )
         self._record(trainer, pl_module, "split")
         if trainer.is_global_zero:

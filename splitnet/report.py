@@ -52,10 +52,10 @@ def build_summary(
 ) -> dict[str, Any]:
     """summary.json of a finished run: sizes and costs of the tree and the dense network, the groups, the
     accuracy after each phase, ``speed`` (fit time, inference img/s) and the resolved config."""
-    spec = module.tree_spec
-    class_groups = module.net.class_groups() if spec is not None else [list(range(datamodule.num_classes))]
+    spec, net = module.tree_spec, module.unpacked_net()
+    class_groups = net.class_groups() if spec is not None else [list(range(datamodule.num_classes))]
     superclass_of = getattr(datamodule, "superclass_of", None)
-    tree = network_stats(module.net, datamodule.image_shape)
+    tree = network_stats(net, datamodule.image_shape)
     return {
         "backbone": dense["name"],
         "split": "-".join(map(str, module.groups)),

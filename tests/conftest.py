@@ -1,5 +1,5 @@
-"""Shared fixtures: running train.py in a subprocess, the real CIFAR-100 when the shared copy is present, and a
-recorder of the operations torch dispatches."""
+"""Shared fixtures: running train.py in a subprocess, the real CIFAR-100 when the shared copy is present, random
+networks and uneven learned groups to split them by, and a recorder of the operations torch dispatches."""
 
 from __future__ import annotations
 
@@ -11,7 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from splitnet.backbones import wide_resnet
+from splitnet.grouping import GroupAssignments
+from splitnet.plan import parse_groups
+from splitnet.surgery import TreeSpec, hard_assign
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CIFAR100 = ROOT.parent / "shared" / "data" / "cifar100" / "unpack.sh"
@@ -65,3 +71,30 @@ class DispatchedOperations(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.names.append(func.overloadpacket.__name__)
         return func(*args, **(kwargs or {}))
+
+
+def randomised_wrn(width: int = 2, num_classes: int = 16) -> nn.Module:
+    """A float64 WRN-16 in eval mode with random BatchNorm statistics, so every layer matters."""
+    torch.manual_seed(0)
+    model = wide_resnet(16, width, num_classes=num_classes).double()
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            nn.init.uniform_(module.weight, 0.5, 1.5)
+            nn.init.uniform_(module.bias, -0.5, 0.5)
+    return model.eval()
+
+
+def learned_spec(model: nn.Module, split: str, method: str) -> TreeSpec:
+    """Hard groups of ``split`` for ``model`` by ``method``, from soft assignments leaning to uneven random groups."""
+    plan = model.split_plan
+    groups = parse_groups(split, plan)
+    assignments = GroupAssignments(plan, groups, model)
+    with torch.no_grad():
+        for alpha in assignments.logits.values():
+            count, size = alpha.shape
+            uneven = torch.randint(0, count, (size,))
+            uneven[torch.randperm(size)[:count]] = torch.arange(count)  # no group empty, sizes uneven
+            alpha.normal_(0, 0.5).add_(3 * nn.functional.one_hot(uneven, count).T)
+    return hard_assign(groups, assignments.probabilities(), method, seed=1)

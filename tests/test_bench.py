@@ -17,19 +17,24 @@ def test_bench_prints_and_writes_training_and_inference_rows(tmp_path, capsys):
     rows = result["rows"]
     inference = [r for r in rows if r["mode"] == "inference"]
     training = [r for r in rows if r["mode"] == "training"]
+    trees = ("2-2-2", "4-4-4", "2-2-2 grouped", "4-4-4 grouped")  # both layouts by default
     assert {(r["split"], r["setting"]) for r in inference} == {
-        (s, k) for s in ("dense", "2-2-2", "4-4-4") for k in ("eager", "channels_last")}
+        (s, k) for s in ("dense", *trees) for k in ("eager", "channels_last")}
     assert max(r["vs_dense"] for r in inference if r["split"] == "dense") == 1.0
-    assert {r["split"]: r["flop_ratio"] for r in inference}["4-4-4"] > {r["split"]: r["flop_ratio"] for r in inference}["2-2-2"] > 1
+    flop_ratio = {r["split"]: r["flop_ratio"] for r in inference}
+    assert flop_ratio["4-4-4"] > flop_ratio["2-2-2"] > 1
+    assert flop_ratio["2-2-2 grouped"] == flop_ratio["2-2-2"]  # balanced groups: nothing padded
     assert {r["setting"] for r in training} == {"plain loop", "lightning", "lightning whole epoch", "lightning group learning",
                                                 "lightning finetune"}
+    assert {r["split"] for r in training if r["setting"] == "lightning finetune"} == set(trees)
     assert [r["vs_dense"] for r in training if r["setting"] == "plain loop"] == [1.0]
     printed = capsys.readouterr().out
     assert "img_per_s" in printed and result["device"]
     assert printed.count("plain loop") == 2  # its table as it came, then once in all tables together
 
 
-@pytest.mark.parametrize("option, value", [("--settings", "eager,warp"), ("--train-settings", "jit")])
+@pytest.mark.parametrize("option, value", [("--settings", "eager,warp"), ("--train-settings", "jit"),
+                                           ("--layouts", "branches,stacked")])
 def test_bench_refuses_an_unknown_setting_by_name(option, value, capsys):
     with pytest.raises(SystemExit):
         main(["--device", "cpu", "--backbone", "wrn16_1", option, value])

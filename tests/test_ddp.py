@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 from splitnet.module import SplitNetModule
-from splitnet.tree import SplitTree
+from splitnet.grouped import GroupedTree
 from tests.conftest import SMOKE, read_summary, run_train
 
 
@@ -24,7 +24,7 @@ def test_ddp_two_processes_end_with_the_same_tree_and_weights(tmp_path: Path):
     # only rank 0 writes; its checkpoint, written under DDP, loads on one device
     assert (tmp_path / "run" / "summary.json").exists()
     model = SplitNetModule.load_from_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu")
-    assert isinstance(model.net, SplitTree)
+    assert isinstance(model.net, GroupedTree)
     assert all(torch.equal(v, ranks[0]["state_dict"][k]) for k, v in model.state_dict().items())
 
 

@@ -7,11 +7,13 @@ import pytest
 import torch
 
 from splitnet.backbones import wide_resnet
+from splitnet.grouped import GroupedTree
 from splitnet.parallel import (BranchParallel, ExportedTree, OnnxTree, PartTimes, balanced_placement, export_parts,
                                parallel_units, predict_speedup)
 from splitnet.parallel import main as parallel_main
 from splitnet.plan import parse_groups
 from splitnet.surgery import build_tree, hard_assign
+from tests.conftest import learned_spec
 
 
 def make_tree(split: str, method: str = "random"):
@@ -34,6 +36,16 @@ def test_branch_parallel_equals_the_tree(split, devices, trunk):
         torch.testing.assert_close(parallel(images), tree(images), rtol=0, atol=1e-6)
     assert set(parallel.placement.devices) == set(range(devices))  # every device gets work
     assert len(parallel.replicas) == (devices if trunk == "split" else 1)
+
+
+def test_a_grouped_tree_runs_in_parallel_as_its_branches():
+    model = wide_resnet(16, 2, num_classes=16).eval()
+    tree = build_tree(model, model.split_plan, learned_spec(model, "1-2-4", "argmax")).eval()  # uneven groups
+    grouped = GroupedTree(tree, model.split_plan).eval()
+    parallel = BranchParallel(grouped, ["cpu"] * 2, (3, 32, 32))
+    images = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(parallel(images), tree(images), rtol=0, atol=1e-6)
 
 
 def test_split_trunk_with_fewer_images_than_devices():

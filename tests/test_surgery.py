@@ -5,39 +5,13 @@ import torch
 from torch import nn
 
 from splitnet.backbones import wide_resnet
-from splitnet.grouping import GroupAssignments
 from splitnet.plan import SplitConfigError, parse_groups
 from splitnet.report import count_flops
 from splitnet.surgery import assign_argmax, assign_balanced, build_tree, hard_assign, masked_dense
 from splitnet.tree import SplitTree
+from tests.conftest import learned_spec, randomised_wrn
 
 SPLITS = ["1-1-2", "1-2-2", "2-2-2", "4-4-4", "1-2-4", "2-4-8", "1-1-4"]  # FC-only, shallow, deep, hierarchical
-
-
-def randomised_wrn(width: int = 2, num_classes: int = 16) -> nn.Module:
-    """A float64 WRN-16 in eval mode with random BatchNorm statistics, so every layer matters."""
-    torch.manual_seed(0)
-    model = wide_resnet(16, width, num_classes=num_classes).double()
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
-            nn.init.uniform_(module.weight, 0.5, 1.5)
-            nn.init.uniform_(module.bias, -0.5, 0.5)
-    return model.eval()
-
-
-def learned_spec(model: nn.Module, split: str, method: str):
-    plan = model.split_plan
-    groups = parse_groups(split, plan)
-    assignments = GroupAssignments(plan, groups, model)
-    with torch.no_grad():
-        for alpha in assignments.logits.values():
-            count, size = alpha.shape
-            uneven = torch.randint(0, count, (size,))
-            uneven[torch.randperm(size)[:count]] = torch.arange(count)  # no group empty, sizes uneven
-            alpha.normal_(0, 0.5).add_(3 * nn.functional.one_hot(uneven, count).T)
-    return hard_assign(groups, assignments.probabilities(), method, seed=1)
 
 
 def conv_linear_params(model: nn.Module) -> int:

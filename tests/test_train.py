@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from splitnet.data import SyntheticDataModule
+from splitnet.grouped import GroupedTree
 from splitnet.module import SplitNetModule
 from splitnet.phases import evaluate
 from splitnet.report import count_params
@@ -41,9 +42,10 @@ def test_smoke_run_writes_a_summary_of_all_phases(smoke_run: Path):
 def test_checkpoint_after_the_split_loads_in_a_fresh_process(smoke_run: Path):
     summary = read_summary(smoke_run)
     model = SplitNetModule.load_from_checkpoint(smoke_run / "checkpoints" / "last.ckpt", map_location="cpu")
-    assert isinstance(model.net, SplitTree)
-    assert model.net.class_groups() == summary["class_groups"]
-    assert count_params(model.net) == summary["params"]
+    assert isinstance(model.net, GroupedTree)  # model.grouped_branches, on by default
+    tree = model.unpacked_net()
+    assert isinstance(tree, SplitTree) and model.net.class_groups() == tree.class_groups() == summary["class_groups"]
+    assert count_params(tree) == summary["params"]
     data = SyntheticDataModule(seed=0, eval_batch_size=250, val_size=250)
     data.setup()
     assert evaluate(model, data.test_dataloader(), data, max_batches=4) == pytest.approx(summary["test_acc"]["finetune"])
@@ -212,7 +214,7 @@ def test_compiled_network_trains_through_the_split_and_the_fade_makes_the_cut_lo
     for split in ("val_acc", "test_acc"):
         assert summary[split]["split"] == pytest.approx(summary[split]["group"], abs=1e-6), split
     state = final_state(tmp_path)
-    assert any(key.startswith("net.branches.") for key in state) and not any("_orig_mod" in key for key in state)
+    assert any(key.startswith("net.levels.") for key in state) and not any("_orig_mod" in key for key in state)
     spec = TreeSpec.from_dict(torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["splitnet"]["tree_spec"])
     dense = SplitNetModule.load_from_checkpoint(tmp_path / "checkpoints" / "epoch001.ckpt", map_location="cpu").net
     for name, mask in block_masks(dense, dense.split_plan, spec).items():
