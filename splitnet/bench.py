@@ -290,9 +290,10 @@ def training_rows(args: argparse.Namespace, device: torch.device) -> Iterator[li
     """The training rows, one batch size at a time; each against the plain loop in the same setting."""
     config, shape, classes = backbone(args.backbone, args.image_size)
     dense = instantiate(config, num_classes=classes)
+    # the group-learning rows (the dense network, on its way to a split) carry their split's ratio, the tree's
     flop_ratio = {"dense": 1.0} | {
         name: count_flops(dense, shape) / count_flops(tree, shape)
-        for name, tree in trees(dense, args.splits, args.layouts).items()
+        for name, tree in trees(dense, args.splits, ["branches", *args.layouts]).items()
     }
     for batch in args.train_batches:
         data = _RandomImages(shape, classes, batch * (args.repeats + 4), batch_size=batch)
@@ -368,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-inference", action="store_true")
     parser.add_argument("--runs", nargs="+", type=Path, metavar="RUN_DIR",
-                        help="time the final networks of these finished train.py runs (inference only), each alone")
+                        help="time the final networks of these finished train.py runs (inference only), each alone, "
+                             "with separate branches")
     parser.add_argument("--costs", action="store_true",
                         help="only print params and FLOPs of --backbone (a comma list) for dense and --splits")
     parser.add_argument("--json", type=Path, help="also write the rows and the machine to this file")
@@ -411,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def collect(tables: Iterable[list[dict]], path: Path | None, device: torch.device, command: dict) -> list[list[dict]]:
     """The ``tables``, each printed as it comes and, with ``path``, every row so far written there with the date, the
-    machine and the command (so a run cut short keeps what it measured)."""
+    machine and the command (so a run cut short keeps what it measured; not the path itself, a path of the machine)."""
+    command = {key: value for key, value in command.items() if key != "json"}
     done: list[list[dict]] = []
     rows: list[dict] = []
     for table in tables:

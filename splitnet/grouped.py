@@ -5,19 +5,25 @@ one, and on a GPU small kernels are bound by their launches. ``GroupedTree`` lay
 tensor, branch j in channels ``[j * m, j * m + n_j)`` with ``m`` the widest branch's ``n``: its convolutions become
 one grouped convolution, its norms one norm, its linear layers one batched matrix product. Narrower branches are
 padded with zero weights and zero-scaled norms and fed zero channels, so the padding stays zero, gets zero
-gradients, and stays zero under SGD with weight decay; with balanced groups nothing is padded. It computes what the
-tree computes (tests), and ``unpack`` gives the tree back with the trained weights.
+gradients, and stays zero under SGD with weight decay. Equal groups need no padding (balanced ones differ by at
+most one channel where a count does not divide); uneven ones cost the padding's FLOPs (``padding_share``). It
+computes what the tree computes (tests), and ``unpack`` gives the tree back with the trained weights.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 
 import torch
 from torch import Tensor, nn
 
 from splitnet.plan import IN, OUT, SplitLevel, SplitPlan
 from splitnet.tree import Branch, SplitTree, select_channels
+
+# finetuning packs a tree only while at most this share of its packed weights (and so of the branches' FLOPs) would be
+# padding: a guess at where the padding's arithmetic outweighs the launches it saves, not measured
+MAX_PADDING_SHARE = 0.2
 
 
 class GroupedLinear(nn.Module):
@@ -44,7 +50,8 @@ class GroupedLinear(nn.Module):
 
 def _packed_layer(first: nn.Module, groups: int, in_width: int | None, out_width: int) -> nn.Module:
     """A zero layer of ``first``'s kind holding ``groups`` branches' copies of it, each padded to the widths."""
-    factory = {"device": first.weight.device, "dtype": first.weight.dtype} if first.weight is not None else {}
+    like = next(itertools.chain(first.parameters(), first.buffers()))
+    factory = {"device": like.device, "dtype": like.dtype if like.is_floating_point() else None}
     if isinstance(first, nn.modules.batchnorm._NormBase):
         packed = type(first)(groups * out_width, first.eps, first.momentum, first.affine, first.track_running_stats,
                              **factory)
@@ -111,41 +118,41 @@ class GroupedLevel(nn.Module):
     """One level: gathers each branch's input channels into the packed layout, then runs the packed body.
 
     ``index`` (None where the layout is already right) picks each channel of the layout from the level above;
-    ``keep`` (None where not needed) zeroes the padding channels that found no zero channel there to pick.
+    ``padding`` (None where not needed) marks the padding channels to fill with zeros, those that found none of their
+    own parent's zero channels at their position to pick.
     """
 
-    def __init__(self, body: nn.Module, index: Tensor | None, keep: Tensor | None) -> None:
+    def __init__(self, body: nn.Module, index: Tensor | None, padding: Tensor | None) -> None:
         super().__init__()
         self.body = body
         self.register_buffer("index", index, persistent=False)
-        self.register_buffer("keep", keep, persistent=False)
+        self.register_buffer("padding", padding, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.index is not None:
             x = select_channels(x, self.index)
-        if self.keep is not None:
-            x = x * self.keep.view(1, -1, *([1] * (x.dim() - 2))).to(x.dtype)
+        if self.padding is not None:  # a fill, not a product: an inf or NaN of one branch stays in it, as in the tree
+            x = x.masked_fill(self.padding.view(1, -1, *([1] * (x.dim() - 2))), 0)
         return self.body(x)
 
 
 def _gather(branches: list[Branch], parents: list[int], widths: list[int], width: int,
             parent: tuple[list[int], int] | None) -> tuple[Tensor | None, Tensor | None]:
-    """A level's input gather (``GroupedLevel``'s ``index`` and ``keep``). ``parent``: the level above's output
+    """A level's input gather (``GroupedLevel``'s ``index`` and ``padding``). ``parent``: the level above's output
     widths per branch and padded width, None for the trunk's output (the level's groups then partition it)."""
     parent_sizes, parent_width = parent if parent is not None else ([sum(widths)], sum(widths))
-    padding = torch.ones(len(parent_sizes) * parent_width, dtype=torch.bool)  # the parent's zero channels
-    for group, size in enumerate(parent_sizes):
-        padding[group * parent_width: group * parent_width + size] = False
-    index = torch.arange(len(branches) * width)  # padding picks the same position if that is a zero channel
-    keep = torch.ones(len(branches) * width)
+    index = torch.arange(len(branches) * width)  # a padding channel picks its own position if that is a zero
+    fill = torch.zeros(len(branches) * width, dtype=torch.bool)  # channel of its own parent, else it is filled
     for group, (branch, parent_group, size) in enumerate(zip(branches, parents, widths)):
         local = torch.arange(size) if branch.in_index is None else branch.in_index.cpu()
         index[group * width: group * width + size] = parent_group * parent_width + local
+        parent_zeros = range(parent_group * parent_width + parent_sizes[parent_group],
+                             (parent_group + 1) * parent_width)
         for position in range(group * width + size, (group + 1) * width):
-            if position >= padding.numel() or not padding[position]:
-                index[position], keep[position] = 0, 0.0
-    identity = index.numel() == padding.numel() and torch.equal(index, torch.arange(index.numel()))
-    return None if identity else index, None if bool(keep.all()) else keep
+            if position not in parent_zeros:
+                index[position], fill[position] = 0, True
+    identity = index.numel() == len(parent_sizes) * parent_width and torch.equal(index, torch.arange(index.numel()))
+    return None if identity else index, fill if bool(fill.any()) else None
 
 
 class GroupedTree(nn.Module):
@@ -155,7 +162,8 @@ class GroupedTree(nn.Module):
         super().__init__()
         device = tree.class_index.device
         self.trunk = copy.deepcopy(tree.trunk)
-        # the tree's shapes and indices on the CPU, outside the module: what ``unpack`` fills in
+        # a copy of the tree on the CPU, outside the module (its weights go stale): the shapes, indices and settings
+        # that ``unpack`` fills with this one's weights
         object.__setattr__(self, "skeleton", copy.deepcopy(tree).cpu())
         self.layer_names = [list(_layer_groupings(level)) for level in plan.levels]
         levels, parent = [], None
@@ -163,8 +171,10 @@ class GroupedTree(nn.Module):
             bodies = [branch.body for branch in branches]
             widths = _widths(level, bodies)
             width = {name: max(sizes) for name, sizes in widths.items()}
-            index, keep = _gather(branches, parents, widths[IN], width[IN], parent)
-            levels.append(GroupedLevel(self._packed_body(level, bodies, width), _to(index, device), _to(keep, device)))
+            index, padding = _gather(branches, parents, widths[IN], width[IN], parent)
+            levels.append(GroupedLevel(self._packed_body(level, bodies, width),
+                                       None if index is None else index.to(device),
+                                       None if padding is None else padding.to(device)))
             parent = widths[OUT], width[OUT]
         self.levels = nn.ModuleList(levels)
         positions = torch.empty(len(tree.class_index), dtype=torch.long)
@@ -178,12 +188,13 @@ class GroupedTree(nn.Module):
         body = copy.deepcopy(bodies[0])
         for name, (in_name, out_name) in _layer_groupings(level).items():
             layers = [b.get_submodule(name) for b in bodies]
-            packed = _packed_layer(layers[0], len(layers), in_name and width[in_name], width[out_name])
+            packed = _packed_layer(layers[0], len(layers), None if in_name is None else width[in_name],
+                                   width[out_name])
             with torch.no_grad():
                 for group, layer in enumerate(layers):
                     for key, view in _block(packed, len(layers), group, layer).items():
                         view.copy_(getattr(layer, key))
-            if not name:  # the level is this one layer
+            if not name:  # the level's module is this one layer, and has no others
                 return packed
             owner, _, attribute = name.rpartition(".")
             setattr(body.get_submodule(owner), attribute, packed)
@@ -199,10 +210,17 @@ class GroupedTree(nn.Module):
         """The classes of each leaf branch, in leaf order."""
         return self.skeleton.class_groups()
 
+    def padding_share(self) -> float:
+        """The share of the packed levels' weights that is padding (0 for equal groups)."""
+        packed = sum(p.numel() for p in self.levels.parameters())
+        return 1 - sum(p.numel() for p in self.skeleton.branches.parameters()) / packed
+
     @torch.no_grad()
     def unpack(self) -> SplitTree:
-        """The tree with separate branches holding this one's current weights and buffers, on this one's device."""
-        tree = copy.deepcopy(self.skeleton)
+        """The tree with separate branches holding this one's current weights and buffers, on this one's device, in
+        its floating-point type and training mode."""
+        like = self.class_positions.device, next(self.parameters()).dtype
+        tree = copy.deepcopy(self.skeleton).to(*like).train(self.training)
         tree.trunk.load_state_dict(self.trunk.state_dict())
         for grouped, names, (branches, _) in zip(self.levels, self.layer_names, tree_levels(tree)):
             for name in names:
@@ -211,13 +229,9 @@ class GroupedTree(nn.Module):
                     layer = branch.body.get_submodule(name)
                     for key, view in _block(packed, len(branches), group, layer).items():
                         getattr(layer, key).copy_(view)
-        return tree.to(self.class_positions.device)
+        return tree
 
 
 def separate_branches(net: nn.Module) -> nn.Module:
-    """``net`` with a grouped tree unpacked into separate branches; any other network as it is."""
+    """``net`` with a grouped tree unpacked into separate branches (a new module); any other network itself."""
     return net.unpack() if isinstance(net, GroupedTree) else net
-
-
-def _to(tensor: Tensor | None, device: torch.device) -> Tensor | None:
-    return None if tensor is None else tensor.to(device)

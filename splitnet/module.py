@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from splitnet.errors import ConfigError
-from splitnet.grouped import GroupedTree, separate_branches
+from splitnet.grouped import MAX_PADDING_SHARE, GroupedTree, separate_branches
 from splitnet.grouping import GroupAssignments, RegulariserTerms
 from splitnet.plan import SplitConfigError, parse_groups
 from splitnet.schedule import build_optimizer, check_schedule
@@ -59,7 +59,8 @@ class SplitNetModule(pl.LightningModule):
             modes, e.g. ``reduce-overhead`` (CUDA graphs). The regularisers are compiled with it.
         compile_regularisers: compile only the regularisers (default mode), the network staying eager.
         grouped_branches: finetune the tree with each level's branches packed into grouped layers
-            (``splitnet.grouped``): one kernel launch per layer for all of them instead of one per branch.
+            (``splitnet.grouped``): one kernel launch per layer for all of them instead of one per branch (on in
+            train.py's config; see ``apply_split`` for uneven groups).
     """
 
     def __init__(
@@ -114,8 +115,8 @@ class SplitNetModule(pl.LightningModule):
         return (self.net if self._compiled_net is None else self._compiled_net)(images)
 
     def unpacked_net(self) -> nn.Module:
-        """The dense network, or the tree with its branches as separate modules (unpacked if trained grouped): what
-        parameter and FLOP counts, export and branch-parallel inference take."""
+        """The dense network, or the tree with its branches as separate modules: what parameter and FLOP counts, export
+        and branch-parallel inference take. A grouped tree is unpacked into a new module; any other is ``self.net``."""
         return separate_branches(self.net)
 
     @property
@@ -140,17 +141,23 @@ class SplitNetModule(pl.LightningModule):
 
     def apply_split(self, spec: TreeSpec, grouped: bool | None = None) -> None:
         """Rebuild the network as the tree of ``spec`` (weights from the current network's diagonal blocks), its
-        branches packed into grouped layers if ``grouped`` (default: ``grouped_branches``)."""
-        grouped = self.hparams.grouped_branches if grouped is None else grouped
+        branches packed into grouped layers if ``grouped``; by default if ``grouped_branches`` and the groups are even
+        enough (padding at most ``MAX_PADDING_SHARE`` of the packed weights). ``grouped_branches`` then says which."""
         with torch.no_grad():
             tree = build_tree(self.net, self.plan, spec)
-            net = GroupedTree(tree, self.plan) if grouped and max(self.groups) > 1 else tree
-        net.train(self.net.training)
-        self.net = net
+            set_dropout(tree, self.hparams.schedule[FINETUNE].get("dropout", 0.0))
+            net = tree
+            if (self.hparams.grouped_branches if grouped is None else grouped) and max(self.groups) > 1:
+                net = GroupedTree(tree, self.plan)
+                if grouped is None and net.padding_share() > MAX_PADDING_SHARE:
+                    log.warning("the groups are so uneven that packing the branches would pad %.0f%% of their weights "
+                                "with zeros: finetuning them one after another instead", 100 * net.padding_share())
+                    net = tree
+        self.hparams.grouped_branches = isinstance(net, GroupedTree)
+        self.net = net.train(self.net.training)
         self.grouping = None
         self._off_block_masks = None
         self.tree_spec = spec
-        set_dropout(self.net, self.hparams.schedule[FINETUNE].get("dropout", 0.0))
         self._prepare_net()
 
     # --- steps -------------------------------------------------------------------------------------------

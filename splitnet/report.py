@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from splitnet.grouped import GroupedTree
 from splitnet.grouping import weight_energy
 from splitnet.pictures import render_pictures
 from splitnet.plan import SplitPlan
@@ -68,6 +69,8 @@ def build_summary(
         "image_shape": list(datamodule.image_shape),
         "group_sizes": spec.group_sizes() if spec is not None else {},
         "tree_spec": spec.to_dict() if spec is not None else None,
+        # how the tree was finetuned: each level's branches packed into grouped layers, or one after another
+        "tree_layout": None if spec is None else "grouped" if isinstance(module.net, GroupedTree) else "branches",
         "semantics": split_semantics(class_groups, superclass_of) if superclass_of else None,
         "val_acc": {phase: r["val_acc"] for phase, r in results.items()},
         "test_acc": {phase: r["test_acc"] for phase, r in results.items()},

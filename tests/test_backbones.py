@@ -7,6 +7,7 @@ from torch import nn
 
 from splitnet.backbones.alexnet import alexnet
 from splitnet.backbones.resnet import resnet18, resnet50
+from splitnet.errors import ConfigError
 from splitnet.plan import parse_groups
 from splitnet.surgery import build_tree, hard_assign, masked_dense
 
@@ -60,3 +61,10 @@ def test_split_tree_equals_masked_dense(build, split, size):
         expected = reference(images)
         assert (tree(images) - expected).abs().max() / expected.abs().max() < 1e-5
     assert sum(p.numel() for p in tree.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+def test_a_stage_whose_first_block_has_no_projection_is_not_split():
+    """ResNet-18's layer1 adds its input to its output unprojected: its input and output cannot be grouped apart."""
+    with pytest.raises(ConfigError, match="backbone.split_stages=4: layer1's first block adds its input to its output"):
+        resnet18(split_stages=4)
+    assert len(resnet50(split_stages=4).split_plan.levels) == 5  # a bottleneck's first block projects

@@ -33,6 +33,18 @@ def test_bench_prints_and_writes_training_and_inference_rows(tmp_path, capsys):
     assert printed.count("plain loop") == 2  # its table as it came, then once in all tables together
 
 
+def test_bench_times_one_layout_alone(tmp_path):
+    out = tmp_path / "grouped.json"
+    assert main(["--device", "cpu", "--backbone", "wrn16_1", "--image-size", "8", "--splits", "2-2-2", "--layouts",
+                 "grouped", "--skip-inference", "--train-batches", "2", "--repeats", "1", "--epoch-steps", "0",
+                 "--json", str(out)]) == 0
+    rows = {(r["split"], r["setting"]): r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {("dense", "plain loop"), ("dense", "lightning"), ("2-2-2", "lightning group learning"),
+                         ("2-2-2 grouped", "lightning finetune")}
+    ratios = (rows["2-2-2", "lightning group learning"]["flop_ratio"], rows["2-2-2 grouped", "lightning finetune"]["flop_ratio"])
+    assert ratios[0] == ratios[1] > 1
+
+
 @pytest.mark.parametrize("option, value", [("--settings", "eager,warp"), ("--train-settings", "jit"),
                                            ("--layouts", "branches,stacked")])
 def test_bench_refuses_an_unknown_setting_by_name(option, value, capsys):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from splitnet.backbones import alexnet, resnet18, wide_resnet
 from splitnet.errors import ConfigError
-from splitnet.grouped import GroupedTree
+from splitnet.grouped import MAX_PADDING_SHARE, GroupedTree
 from splitnet.module import SplitNetModule
 from splitnet.report import count_params
 from splitnet.surgery import build_tree
@@ -93,6 +93,45 @@ def test_grouped_tree_runs_as_many_operations_whatever_its_group_count():
     branches = {split: operations(tree) for split, tree in trees.items()}
     assert max(grouped.values()) <= dense + 25, (dense, grouped)
     assert branches["4-4-4"] > 1.5 * branches["2-2-2"] > 1.5 * grouped["2-2-2"], (branches, grouped)
+
+
+def test_a_nan_in_one_branch_stays_in_it():
+    """Padding channels are filled, not multiplied, with zeros: an inf in the trunk's channel 0, which one branch
+    takes and the padding picks up before it is filled, leaves the other branches' logits finite, as in the tree."""
+    model = randomised_wrn()
+    tree = build_tree(model, model.split_plan, learned_spec(model, "4-4-4", "argmax")).eval()
+    grouped = GroupedTree(tree, model.split_plan).eval()
+    assert grouped.levels[0].padding is not None  # uneven groups below the dense trunk: some channels are filled
+    for net in (tree, grouped):
+        net.trunk.register_forward_hook(lambda module, inputs, out: out.index_fill(1, torch.tensor([0]), float("inf")))
+    with torch.no_grad():
+        images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+        expected, actual = tree(images).isfinite(), grouped(images).isfinite()
+    assert not expected.all() and expected.any()
+    assert torch.equal(actual, expected)
+
+
+def test_unpack_follows_the_grouped_trees_type_and_mode():
+    model = randomised_wrn()
+    grouped = GroupedTree(build_tree(model, model.split_plan, learned_spec(model, "2-2-2", "argmax")), model.split_plan)
+    grouped.float().eval()
+    unpacked = grouped.unpack()
+    assert next(unpacked.parameters()).dtype == torch.float32 and not unpacked.training
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(unpacked(images), grouped(images))
+
+
+def test_groups_too_uneven_to_pack_are_finetuned_branch_after_branch(caplog: pytest.LogCaptureFixture):
+    module = _module(True)
+    spec = learned_spec(module.net, "2-2-2", "argmax")
+    spec = type(spec)(spec.groups, {key: [0] * (len(v) - 1) + [1] for key, v in spec.labels.items()})  # all but one
+    padded = GroupedTree(build_tree(module.net, module.plan, spec), module.plan).padding_share()
+    assert padded > MAX_PADDING_SHARE
+    with caplog.at_level(logging.WARNING, logger="splitnet.module"):
+        module.apply_split(spec)
+    assert isinstance(module.net, SplitTree) and module.hparams.grouped_branches is False
+    assert f"packing the branches would pad {100 * padded:.0f}% of their weights" in caplog.text
 
 
 def _module(grouped_branches: object) -> SplitNetModule:

@@ -37,6 +37,7 @@ def test_smoke_run_writes_a_summary_of_all_phases(smoke_run: Path):
     assert summary["test_acc"]["finetune"] > 0.1 + 0.1  # well above chance (10 classes)
     assert summary["epochs"] == 4
     assert "stage2:in" in summary["group_sizes"] and sum(summary["group_sizes"]["stage2:in"]) == 16
+    assert summary["tree_layout"] == "grouped"  # model.grouped_branches, on by default
 
 
 def test_checkpoint_after_the_split_loads_in_a_fresh_process(smoke_run: Path):

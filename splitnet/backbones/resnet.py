@@ -121,6 +121,12 @@ class ResNet(nn.Module):
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
         stages = [f"layer{i}" for i in range(1, 5)]
+        first_split = getattr(self, stages[4 - split_stages]) if split_stages else None
+        if first_split is not None and first_split[0].downsample is None:
+            raise ConfigError(
+                f"backbone.split_stages={split_stages}: {stages[4 - split_stages]}'s first block adds its input to its "
+                f"output without a projection, so the two cannot be grouped apart; split at most {split_stages - 1}"
+            )
         self.split_plan = SplitPlan(
             trunk=("conv1", "bn1", "relu", "maxpool", *stages[: 4 - split_stages]),
             levels=(
