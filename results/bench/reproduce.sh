@@ -5,7 +5,8 @@
 #   bash results/bench/reproduce.sh [TABLE ...]     TABLE: wrn, train-compile, parallel, resnet18 (default: these four),
 #                                                   autotune (inference under torch.compile's autotuning modes),
 #                                                   train (training, eager and with only the regularisers compiled),
-#                                                   loop (the training loop's own cost: WRN-16-1 on 8x8 images, batch 4)
+#                                                   loop (the training loop's own cost: WRN-16-1 on 8x8 images, batch 4),
+#                                                   finetune (training only: the trees branch after branch and grouped)
 #
 # Each table's JSON is rewritten after every batch size (or split), so a run cut short keeps what it measured.
 set -eu
@@ -30,10 +31,12 @@ for table in ${*:-wrn train-compile parallel resnet18}; do
         loop)           OMP_NUM_THREADS=1 python -m splitnet.bench --device "$DEVICE" --backbone wrn16_1 --image-size 8 \
                             --skip-inference --train-batches 4 --epoch-steps 0 --repeats 150 \
                             --json "$RESULTS/${DEVICE}_loop.json" ;;
+        finetune)       python -m splitnet.bench --device "$DEVICE" --skip-inference --repeats "$REPEATS" \
+                            --json "$RESULTS/${DEVICE}_train_layouts.json" ;;
         autotune)       python -m splitnet.bench --device "$DEVICE" --skip-train --infer-batches 1024,64 \
                             --settings autotune,autotune_cudagraphs --repeats "$REPEATS" \
                             --json "$RESULTS/${DEVICE}_inference_autotune.json" ;;
-        *) echo "unknown table '$table': one of wrn, train-compile, parallel, resnet18, autotune, train, loop" >&2
+        *) echo "unknown table '$table': one of wrn, train-compile, parallel, resnet18, autotune, train, loop, finetune" >&2
            exit 2 ;;
     esac
 done
