@@ -6,7 +6,8 @@ tensor, branch j in channels ``[j * m, j * m + n_j)`` with ``m`` the widest bran
 one grouped convolution, its norms one norm, its linear layers one batched matrix product. Narrower branches are
 padded with zero weights and zero-scaled norms and fed zero channels, so the padding stays zero, gets zero
 gradients, and stays zero under SGD with weight decay. Equal groups need no padding (balanced ones differ by at
-most one channel where a count does not divide); uneven ones cost the padding's FLOPs (``padding_share``). It
+most one channel where a count does not divide); uneven ones cost the padding's arithmetic (``padding_share`` counts
+its weights; its share of the FLOPs is of the same order, but not the same, since levels differ in image size). It
 computes what the tree computes (tests), and ``unpack`` gives the tree back with the trained weights.
 """
 
@@ -21,8 +22,8 @@ from torch import Tensor, nn
 from splitnet.plan import IN, OUT, SplitLevel, SplitPlan
 from splitnet.tree import Branch, SplitTree, select_channels
 
-# finetuning packs a tree only while at most this share of its packed weights (and so of the branches' FLOPs) would be
-# padding: a guess at where the padding's arithmetic outweighs the launches it saves, not measured
+# finetuning packs a tree only while at most this share of its packed weights would be padding (its share of the FLOPs
+# is of the same order): a guess at where the padding's arithmetic outweighs the launches it saves, not measured
 MAX_PADDING_SHARE = 0.2
 
 

@@ -345,7 +345,10 @@ class SplitNetModule(pl.LightningModule):
         if state["tree_spec"] is not None and self.tree_spec is None:
             # the layout the weights (and the optimiser's state) were saved in, whatever this run's setting
             grouped = state.get("grouped_branches", False)
-            if grouped != (self.hparams.grouped_branches and max(self.groups) > 1):
-                log.warning("the checkpoint's tree was trained with model.grouped_branches=%s: it goes on that way",
-                            str(grouped).lower())
+            if grouped and not self.hparams.grouped_branches:
+                log.warning("the checkpoint's tree was finetuned grouped: it goes on grouped, whatever "
+                            "model.grouped_branches=false")
+            elif not grouped and self.hparams.grouped_branches and max(self.groups) > 1:
+                log.warning("the checkpoint's tree was finetuned branch after branch (so configured, or its groups too "
+                            "uneven to pack): it goes on that way")
             self.apply_split(TreeSpec.from_dict(state["tree_spec"]), grouped)
