@@ -293,7 +293,7 @@ def training_rows(args: argparse.Namespace, device: torch.device) -> Iterator[li
     # the group-learning rows (the dense network, on its way to a split) carry their split's ratio, the tree's
     flop_ratio = {"dense": 1.0} | {
         name: count_flops(dense, shape) / count_flops(tree, shape)
-        for name, tree in trees(dense, args.splits, ["branches", *args.layouts]).items()
+        for name, tree in trees(dense, args.splits, list(dict.fromkeys(["branches", *args.layouts]))).items()
     }
     for batch in args.train_batches:
         data = _RandomImages(shape, classes, batch * (args.repeats + 4), batch_size=batch)

@@ -167,8 +167,8 @@ class GroupedTree(nn.Module):
         # that ``unpack`` fills with this one's weights
         object.__setattr__(self, "skeleton", copy.deepcopy(tree).cpu())
         self.layer_names = [list(_layer_groupings(level)) for level in plan.levels]
-        levels, parent = [], None
-        for level, (branches, parents) in zip(plan.levels, tree_levels(tree)):
+        levels, parent, branch_levels = [], None, tree_levels(tree)
+        for level, (branches, parents) in zip(plan.levels, branch_levels):
             bodies = [branch.body for branch in branches]
             widths = _widths(level, bodies)
             width = {name: max(sizes) for name, sizes in widths.items()}
@@ -179,7 +179,7 @@ class GroupedTree(nn.Module):
             parent = widths[OUT], width[OUT]
         self.levels = nn.ModuleList(levels)
         positions = torch.empty(len(tree.class_index), dtype=torch.long)
-        for group, leaf in enumerate(tree_levels(tree)[-1][0]):
+        for group, leaf in enumerate(branch_levels[-1][0]):
             positions[leaf.classes.cpu()] = group * parent[1] + torch.arange(len(leaf.classes))
         self.register_buffer("class_positions", positions.to(device), persistent=False)
 

@@ -149,9 +149,10 @@ class SplitNetModule(pl.LightningModule):
             net = tree
             if (self.hparams.grouped_branches if grouped is None else grouped) and max(self.groups) > 1:
                 net = GroupedTree(tree, self.plan)
-                if grouped is None and net.padding_share() > MAX_PADDING_SHARE:
+                padding = net.padding_share()
+                if grouped is None and padding > MAX_PADDING_SHARE:
                     log.warning("the groups are so uneven that packing the branches would pad %.0f%% of their weights "
-                                "with zeros: finetuning them one after another instead", 100 * net.padding_share())
+                                "with zeros: finetuning them one after another instead", 100 * padding)
                     net = tree
         self.hparams.grouped_branches = isinstance(net, GroupedTree)
         self.net = net.train(self.net.training)

@@ -22,6 +22,9 @@ from splitnet.surgery import TreeSpec, hard_assign
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CIFAR100 = ROOT.parent / "shared" / "data" / "cifar100" / "unpack.sh"
 SMOKE = ("experiment=smoke", "data=synthetic", "callbacks.checkpoint.save_top_k=-1")
+# the tiny SplitNetModule of the unit tests: WRN-10-1, split 2-2-2
+TINY_BACKBONE = {"_target_": "splitnet.backbones.wide_resnet", "depth": 10, "width": 1}
+TINY_SPLIT = {"groups": "2-2-2", "gamma1": 1.0, "gamma2": 1.0, "gamma3": 10.0}
 
 
 def run_train(run_dir: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:

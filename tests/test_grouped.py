@@ -9,13 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from splitnet.backbones import alexnet, resnet18, wide_resnet
+from splitnet.bench import SCHEDULE
 from splitnet.errors import ConfigError
 from splitnet.grouped import MAX_PADDING_SHARE, GroupedTree
 from splitnet.module import SplitNetModule
 from splitnet.report import count_params
 from splitnet.surgery import build_tree
 from splitnet.tree import SplitTree
-from tests.conftest import DispatchedOperations, learned_spec, randomised_wrn
+from tests.conftest import TINY_BACKBONE, TINY_SPLIT, DispatchedOperations, learned_spec, randomised_wrn
 
 SPLITS = ["2-2-2", "4-4-4", "1-2-4", "2-4-8", "1-1-2"]
 
@@ -135,10 +136,8 @@ def test_groups_too_uneven_to_pack_are_finetuned_branch_after_branch(caplog: pyt
 
 
 def _module(grouped_branches: object) -> SplitNetModule:
-    schedule = {phase: {"epochs": 1, "lr": 0.1} for phase in ("group", "finetune")}
-    split = {"groups": "2-2-2", "assign": "balanced", "gamma1": 1.0, "gamma2": 1.0, "gamma3": 10.0}
-    backbone = {"_target_": "splitnet.backbones.wide_resnet", "depth": 10, "width": 1}
-    return SplitNetModule(backbone, 10, split, schedule, grouped_branches=grouped_branches)
+    split = TINY_SPLIT | {"assign": "balanced"}
+    return SplitNetModule(TINY_BACKBONE, 10, split, SCHEDULE, grouped_branches=grouped_branches)
 
 
 def test_module_finetunes_the_grouped_tree_and_counts_the_unpacked_one():

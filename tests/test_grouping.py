@@ -18,7 +18,7 @@ from splitnet.grouping import (
 from splitnet.bench import SCHEDULE
 from splitnet.module import SplitNetModule
 from splitnet.plan import SplitLevel, SplitPlan, parse_groups
-from tests.conftest import DispatchedOperations
+from tests.conftest import TINY_BACKBONE, TINY_SPLIT, DispatchedOperations
 
 
 def one_hot(labels: list[int], groups: int) -> torch.Tensor:
@@ -282,9 +282,7 @@ def test_compiled_regularisers_equal_the_eager_ones_with_their_gradients(setting
     """model.compile also compiles the regularisers (their small operations fused), and model.compile_regularisers
     compiles only them: same terms, same gradients."""
     torch.manual_seed(0)
-    backbone = {"_target_": "splitnet.backbones.wide_resnet", "depth": 10, "width": 1}
-    split = {"groups": "2-2-2", "gamma1": 1.0, "gamma2": 1.0, "gamma3": 10.0}
-    module = SplitNetModule(backbone, 10, split, SCHEDULE, **setting)
+    module = SplitNetModule(TINY_BACKBONE, 10, TINY_SPLIT, SCHEDULE, **setting)
     assert module._regularisers != module.grouping.regularisers  # bound methods compare equal when they are one
     assert (module._compiled_net is None) == ("compile" not in setting)
 

@@ -15,10 +15,7 @@ from pytorch_lightning.loggers import CSVLogger
 from splitnet.bench import SCHEDULE
 from splitnet.data import SyntheticDataModule
 from splitnet.module import SplitNetModule
-from tests.conftest import DispatchedOperations
-
-BACKBONE = {"_target_": "splitnet.backbones.wide_resnet", "depth": 10, "width": 1}
-SPLIT = {"groups": "2-2-2", "gamma1": 1.0, "gamma2": 1.0, "gamma3": 10.0}
+from tests.conftest import TINY_BACKBONE, TINY_SPLIT, DispatchedOperations
 
 
 def fit(module: SplitNetModule, batches: int, log_every: int, callbacks: list[pl.Callback], root: Path,
@@ -64,7 +61,7 @@ def recorded_fit(monkeypatch: pytest.MonkeyPatch, root: Path, batches: int, log_
 
     monkeypatch.setattr(pl.LightningModule, "log", counted_log)
     torch.manual_seed(0)
-    fit(SplitNetModule(BACKBONE, 10, SPLIT, SCHEDULE), batches, log_every, [recorder], root,
+    fit(SplitNetModule(TINY_BACKBONE, 10, TINY_SPLIT, SCHEDULE), batches, log_every, [recorder], root,
         accumulate_grad_batches=accumulate)
     assert len(recorder.calls) == batches + 1 and recorder.calls[-1] is recorder.epoch_end_calls
     assert recorder.epoch_end_calls["log"] == 1  # the epoch's training accuracy
@@ -100,7 +97,7 @@ def test_under_gradient_accumulation_only_the_batch_that_ends_a_step_logs(tmp_pa
 
 @pytest.mark.parametrize("log_every, step", [(2, 1), (50, 3)], ids=["logging step", "epoch's last batch"])
 def test_a_diverged_loss_stops_the_run_with_its_step(tmp_path: Path, log_every: int, step: int):
-    module = SplitNetModule(BACKBONE, 10, SPLIT, SCHEDULE)
+    module = SplitNetModule(TINY_BACKBONE, 10, TINY_SPLIT, SCHEDULE)
     module.net.head.register_forward_hook(lambda layer, inputs, output: output * float("nan"))
     with pytest.raises(FloatingPointError,
                        match=rf"the group loss was not finite on a batch of epoch 0, steps 0-{step} \(at step {step}: "
@@ -127,7 +124,7 @@ def nan_on_batch(module: SplitNetModule, batch: int) -> list[None]:
 def test_a_loss_diverged_between_checks_stops_the_run_before_the_epoch_ends(tmp_path: Path, log_every: int, steps: str):
     """Under gradient accumulation the first micro-batch of the epoch's last step is not checked itself; the device-side
     flag carries its non-finite loss to the check, before the optimiser step writes NaN weights into the checkpoint."""
-    module = SplitNetModule(BACKBONE, 10, SPLIT, SCHEDULE)
+    module = SplitNetModule(TINY_BACKBONE, 10, TINY_SPLIT, SCHEDULE)
     calls = nan_on_batch(module, 2)
     with pytest.raises(FloatingPointError, match=rf"the group loss was not finite on a batch of epoch 0, {steps}: "):
         fit(module, batches=4, log_every=log_every, callbacks=[], root=tmp_path, accumulate_grad_batches=2)
@@ -135,7 +132,7 @@ def test_a_loss_diverged_between_checks_stops_the_run_before_the_epoch_ends(tmp_
 
 
 def test_a_run_ended_by_max_steps_checks_its_last_step(tmp_path: Path):
-    module = SplitNetModule(BACKBONE, 10, SPLIT, SCHEDULE)
+    module = SplitNetModule(TINY_BACKBONE, 10, TINY_SPLIT, SCHEDULE)
     calls = nan_on_batch(module, 1)
     with pytest.raises(FloatingPointError, match=r"not finite on a batch of epoch 0, steps 0-1 \(at step 1: nan\)"):
         fit(module, batches=6, log_every=50, callbacks=[], root=tmp_path, max_steps=2)
@@ -145,7 +142,7 @@ def test_a_run_ended_by_max_steps_checks_its_last_step(tmp_path: Path):
 def test_a_checkpoint_between_checked_steps_is_refused_after_a_diverged_batch(tmp_path: Path):
     """A checkpoint written between checked steps (here after every step) reads the flag first: none holds the
     weights that a non-finite loss has reached."""
-    module = SplitNetModule(BACKBONE, 10, SPLIT, SCHEDULE)
+    module = SplitNetModule(TINY_BACKBONE, 10, TINY_SPLIT, SCHEDULE)
     nan_on_batch(module, 1)
     every_step = pl.callbacks.ModelCheckpoint(tmp_path / "checkpoints", every_n_train_steps=1, save_top_k=-1)
     with pytest.raises(FloatingPointError, match=r"not finite on a batch of epoch 0, step 1: lower"):
@@ -156,7 +153,7 @@ def test_a_checkpoint_between_checked_steps_is_refused_after_a_diverged_batch(tm
 def test_the_span_of_a_check_before_a_checkpoint_in_the_middle_of_an_accumulated_step(tmp_path: Path):
     """Validation every 3 batches, accumulating over 2, checkpoints in the middle of step 1: the span ends at the step
     of the last batch run (1), not at the last step completed (0)."""
-    module = SplitNetModule(BACKBONE, 10, SPLIT, SCHEDULE)
+    module = SplitNetModule(TINY_BACKBONE, 10, TINY_SPLIT, SCHEDULE)
     nan_on_batch(module, 2)  # the first micro-batch of step 1
     with pytest.raises(FloatingPointError, match=r"not finite on a batch of epoch 0, steps 0-1: lower"):
         fit(module, batches=8, log_every=50, callbacks=[], root=tmp_path, accumulate_grad_batches=2,
@@ -166,7 +163,7 @@ def test_the_span_of_a_check_before_a_checkpoint_in_the_middle_of_an_accumulated
 def test_no_checkpoint_is_written_on_the_way_out_of_a_failed_check(tmp_path: Path):
     """Lightning's save_on_exception writes a checkpoint when the check raises: it is refused too, so last.ckpt stays
     the last one written before the loss stopped being finite."""
-    module = SplitNetModule(BACKBONE, 10, SPLIT, SCHEDULE)
+    module = SplitNetModule(TINY_BACKBONE, 10, TINY_SPLIT, SCHEDULE)
     nan_on_batch(module, 1)
     on_exception = pl.callbacks.ModelCheckpoint(tmp_path / "checkpoints", save_last=True, save_on_exception=True)
     with pytest.raises(FloatingPointError, match=r"not finite on a batch of epoch 0, steps 0-3 \(at step 3: nan\)"):
@@ -184,7 +181,7 @@ def test_no_checkpoint_holds_weights_an_update_made_non_finite(tmp_path: Path):
                     pl_module.net.head.fc.weight[0, 0] = float("inf")
 
     every_step = pl.callbacks.ModelCheckpoint(tmp_path / "checkpoints", every_n_train_steps=1, save_top_k=-1)
-    module = SplitNetModule(BACKBONE, 10, SPLIT, SCHEDULE)
+    module = SplitNetModule(TINY_BACKBONE, 10, TINY_SPLIT, SCHEDULE)
     with pytest.raises(FloatingPointError, match=r"the group weights are not finite after step 1 \(epoch 0\): lower"):
         fit(module, batches=4, log_every=50, callbacks=[BadUpdate(), every_step], root=tmp_path,
             enable_checkpointing=True)
@@ -198,7 +195,7 @@ HOST_READS = ("_local_scalar_dense", "nonzero", "unique", "masked_select", "is_n
 def test_unchecked_steps_read_nothing_on_the_host(tmp_path: Path):
     """Between checked steps the step runs ahead of the device: no ``.item()``, no data-dependent shape (torchmetrics'
     argument checks would call ``torch.unique`` on integer predictions, not on the logits the module passes)."""
-    module = SplitNetModule(BACKBONE, 10, SPLIT, SCHEDULE)
+    module = SplitNetModule(TINY_BACKBONE, 10, TINY_SPLIT, SCHEDULE)
     step = module.training_step
     reads: list[list[str]] = []
 

@@ -11,6 +11,7 @@ from splitnet.grouping import RegulariserTerms
 from splitnet.module import SplitNetModule
 from splitnet.schedule import build_optimizer, check_schedule
 from splitnet.surgery import assign_balanced
+from tests.conftest import TINY_BACKBONE, TINY_SPLIT
 
 SETTINGS = {"epochs": 2, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "milestones": [1], "lr_decay": 0.1}
 
@@ -37,8 +38,7 @@ def test_without_a_scale_the_assignments_follow_the_network():
 def small_module(assign: str = "argmax", **group_settings) -> SplitNetModule:
     schedule = {phase: SETTINGS | {"lr_schedule": "cosine"} for phase in ("group", "finetune")}
     schedule["group"] |= group_settings
-    return SplitNetModule({"_target_": "splitnet.backbones.wide_resnet", "depth": 10, "width": 1}, 10,
-                          {"groups": "2-2-2", "assign": assign, "gamma1": 1, "gamma2": 1, "gamma3": 10}, schedule)
+    return SplitNetModule(TINY_BACKBONE, 10, TINY_SPLIT | {"assign": assign}, schedule)
 
 
 def assignments_held(module: SplitNetModule) -> list[bool]:
