@@ -83,10 +83,10 @@ class SplitPlan:
             body = model.get_submodule(level.module)
             for layer_name, (in_name, out_name) in level.layers.items():
                 weight = body.get_submodule(layer_name).weight
-                record(index, in_name, weight.shape[1], f"{level.module}.{layer_name}")
-                record(index, out_name, weight.shape[0], f"{level.module}.{layer_name}")
+                record(index, in_name, weight.shape[1], level.layer_path(layer_name))
+                record(index, out_name, weight.shape[0], level.layer_path(layer_name))
             for norm_name, name in level.norms.items():
-                record(index, name, body.get_submodule(norm_name).num_features, f"{level.module}.{norm_name}")
+                record(index, name, body.get_submodule(norm_name).num_features, level.layer_path(norm_name))
         return dims
 
     def free_groupings(self, model: nn.Module, groups: tuple[int, ...]) -> dict[str, tuple[int, int]]:

@@ -94,12 +94,12 @@ def split_record(
         if spec.groups[index] == 1:
             continue
         for name, (in_name, out_name) in level.layers.items():
-            weight = dense.get_submodule(level.module).get_submodule(name).weight
+            weight = dense.get_submodule(level.layer_path(name)).weight
             if weight.numel() > largest:
                 largest = weight.numel()
                 rows = spec.labels_at(plan, index, out_name, dims)
                 cols = spec.labels_at(plan, index, in_name, dims)
-                layer = {"name": f"{level.module}.{name}", "energy": weight_energy(weight.detach()).cpu(),
+                layer = {"name": level.layer_path(name), "energy": weight_energy(weight.detach()).cpu(),
                          "row_labels": rows.tolist(), "col_labels": cols.tolist()}
     last = len(plan.levels) - 1
     class_labels = spec.labels_at(plan, last, "out", dims)

@@ -1,9 +1,10 @@
 """Split strings: the hierarchy rule, malformed strings and group counts that do not fit, each with its message."""
 
 import pytest
+from torch import nn
 
 from splitnet.backbones import wide_resnet
-from splitnet.plan import SplitConfigError, parse_groups
+from splitnet.plan import IN, OUT, SplitConfigError, SplitLevel, SplitPlan, parse_groups
 
 PLAN = wide_resnet(16, 1, num_classes=10).split_plan
 
@@ -36,3 +37,12 @@ def test_more_groups_than_channels_is_rejected():
     model = wide_resnet(16, 1, num_classes=10)
     with pytest.raises(SplitConfigError, match=r"32 groups in grouping 'stage2:in', which has only 16 channels"):
         model.split_plan.free_groupings(model, (32, 32, 32))
+
+
+def test_a_plan_whose_layers_disagree_names_the_layer():
+    """A backbone's plan that gives one grouping two channel counts fails naming the layer by its path (a level that
+    is a single layer, as AlexNet's fc8, by the level's name alone)."""
+    model = nn.Sequential(nn.Linear(8, 6), nn.Linear(5, 4))  # 6 outputs feed a layer that takes 5
+    plan = SplitPlan(trunk=(), levels=(SplitLevel("0", {"": (IN, OUT)}), SplitLevel("1", {"": (IN, OUT)})))
+    with pytest.raises(SplitConfigError, match=r"split plan: layer '1' gives grouping '1:in' 5 channels, another layer 6$"):
+        plan.grouping_dims(model)
