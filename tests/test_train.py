@@ -223,6 +223,17 @@ def test_compiled_network_trains_through_the_split_and_the_fade_makes_the_cut_lo
         assert (weight * (1 - mask)).abs().max() == 0 and (weight * mask).abs().max() > 0, name
 
 
+def test_no_group_epochs_cuts_the_initial_network_and_finetunes_every_epoch(tmp_path: Path):
+    """schedule.group.epochs=0: the random tree from scratch (README's CIFAR-100 section), cut before the first step."""
+    run_train(tmp_path, *SMOKE, "split.assign=random", "split.gamma1=0", "split.gamma2=0", "split.gamma3=0",
+              "schedule.group.epochs=0", "schedule.finetune.epochs=2", "trainer.limit_train_batches=3")
+    summary = read_summary(tmp_path)
+    assert summary["epochs"] == 2 and set(summary["test_acc"]) == {"group", "split", "finetune"}
+    assert sorted(len(group) for group in summary["class_groups"]) == [5, 5]
+    first = torch.load(tmp_path / "checkpoints" / "epoch000.ckpt", map_location="cpu", weights_only=False)
+    assert first["splitnet"]["tree_spec"] is not None and first["global_step"] == 3
+
+
 def test_the_main_job_needs_none_of_the_optional_packages(tmp_path: Path):
     """The GPU kit has no wandb, tensorboard, onnx or webdataset (../shared/gpu/README.md): a run must not need them."""
     optional = ["wandb", "tensorboard", "onnx", "onnxruntime", "onnxscript", "webdataset"]
