@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import pytorch_lightning as pl
@@ -24,11 +25,13 @@ GROUP, FINETUNE = "group", "finetune"
 log = logging.getLogger(__name__)
 
 
-def set_dropout(model: nn.Module, p: float) -> None:
-    """Set the probability of every dropout layer in ``model``."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = p
+def set_dropout(parts: Iterable[nn.Module], p: float) -> None:
+    """Set the probability of every dropout layer in ``parts``: a phase's dropout goes to the split levels, the dense
+    network's or the tree's branches (method.md: in the split blocks and before the classifier), never to the trunk."""
+    for part in parts:
+        for module in part.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = p
 
 
 def compiled(model: nn.Module, mode: bool | str) -> nn.Module | None:
@@ -94,7 +97,11 @@ class SplitNetModule(pl.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-        set_dropout(self.net, schedule[GROUP].get("dropout", 0.0))
+        set_dropout([self.net.get_submodule(level.module) for level in self.plan.levels],
+                    schedule[GROUP].get("dropout", 0.0))
+        # the seed of the run (pl.seed_everything's, read before any reseeding): each epoch's random draws (dropout)
+        # are seeded from it, the epoch and the process, so that a resumed run draws what an uninterrupted one would
+        self._seed = torch.initial_seed()
         self._prepare_net()
 
     def _prepare_net(self) -> None:
@@ -145,7 +152,7 @@ class SplitNetModule(pl.LightningModule):
         enough (padding at most ``MAX_PADDING_SHARE`` of the packed weights). ``grouped_branches`` then says which."""
         with torch.no_grad():
             tree = build_tree(self.net, self.plan, spec)
-            set_dropout(tree, self.hparams.schedule[FINETUNE].get("dropout", 0.0))
+            set_dropout([tree.branches], self.hparams.schedule[FINETUNE].get("dropout", 0.0))
             net = tree
             if (self.hparams.grouped_branches if grouped is None else grouped) and max(self.groups) > 1:
                 net = GroupedTree(tree, self.plan)
@@ -269,8 +276,11 @@ class SplitNetModule(pl.LightningModule):
         )
 
     def on_train_epoch_start(self) -> None:
-        """From the commit epoch on, keep the assignments hardened to balanced groups (idempotent, so resumes agree),
-        and with ``off_block_fade`` take the off-block masks of the groups the split will cut."""
+        """Seed the epoch's random draws (dropout) from the run's seed, the epoch and the process: the same in a resumed
+        run as in an uninterrupted one, different on every DDP process. From the commit epoch on, keep the assignments
+        hardened to balanced groups (idempotent, so resumes agree), and with ``off_block_fade`` take the off-block
+        masks of the groups the split will cut."""
+        torch.manual_seed(hash((self._seed, self.current_epoch, self.global_rank)) & (2**63 - 1))
         commit = self._commit_epoch()
         if self.grouping is not None and commit is not None and self.current_epoch >= commit:
             self.grouping.commit()
@@ -305,10 +315,19 @@ class SplitNetModule(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         settings = self.hparams.schedule[self.phase]
-        steps_per_epoch = max(1, self.trainer.estimated_stepping_batches // max(1, self.trainer.max_epochs))
+        steps_per_epoch = self._steps_per_epoch()
         extra = list(self.grouping.parameters()) if self.grouping is not None else []
         optimizer, scheduler = build_optimizer(self.net.parameters(), extra, settings, steps_per_epoch)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _steps_per_epoch(self) -> int:
+        """Optimiser steps per epoch, for the LR schedules: from the epoch's batches (``trainer.max_steps`` may end
+        the run early, but does not squeeze the schedule); from the estimate where an epoch has no length."""
+        trainer = self.trainer
+        estimate = trainer.estimated_stepping_batches  # sets the training data up, and with it num_training_batches
+        if math.isinf(trainer.num_training_batches):
+            return max(1, int(estimate) // max(1, trainer.max_epochs))
+        return max(1, math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches))
 
     # --- checkpoints -------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

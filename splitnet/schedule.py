@@ -76,3 +76,8 @@ def check_schedule(schedule: Mapping[str, Any], phases: Iterable[str]) -> None:
         if commit is not None and not delay < commit <= 1:
             raise ConfigError(f"schedule.{phase}.assignment_commit={commit}: must be a share of the phase's epochs, "
                               f"above assignment_delay={delay} and at most 1 (or null: never)")
+        epochs = settings["epochs"]
+        if commit is not None and epochs > 0 and round(commit * epochs) >= epochs:
+            raise ConfigError(f"schedule.{phase}.assignment_commit={commit} falls on epoch {round(commit * epochs)} of "
+                              f"a {epochs}-epoch phase, where the split comes: the assignments would never be committed; "
+                              f"choose a share below {(epochs - 0.5) / epochs:.3f}")

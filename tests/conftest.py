@@ -21,7 +21,9 @@ from splitnet.surgery import TreeSpec, hard_assign
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CIFAR100 = ROOT.parent / "shared" / "data" / "cifar100" / "unpack.sh"
-SMOKE = ("experiment=smoke", "data=synthetic", "callbacks.checkpoint.save_top_k=-1")
+# dropout on in both phases, so that a resumed run must draw the masks an uninterrupted one draws
+SMOKE = ("experiment=smoke", "data=synthetic", "callbacks.checkpoint.save_top_k=-1", "schedule.group.dropout=0.2",
+         "schedule.finetune.dropout=0.2")
 # the tiny SplitNetModule of the unit tests: WRN-10-1, split 2-2-2
 TINY_BACKBONE = {"_target_": "splitnet.backbones.wide_resnet", "depth": 10, "width": 1}
 TINY_SPLIT = {"groups": "2-2-2", "gamma1": 1.0, "gamma2": 1.0, "gamma3": 10.0}

@@ -59,7 +59,7 @@ def test_commit_hardens_the_assignments_to_balanced_groups_and_holds_them():
     module = small_module(epochs=4, assignment_commit=0.5)  # hardened from group epoch 2 on
     soft = {key: torch.softmax(alpha.detach(), 0) for key, alpha in module.grouping.logits.items()}
     for epoch, held in ((1, False), (2, True), (3, True)):
-        module._trainer = SimpleNamespace(current_epoch=epoch)
+        module._trainer = SimpleNamespace(current_epoch=epoch, global_rank=0)
         module.on_train_epoch_start()
         assert set(assignments_held(module)) == {held}
     hard = module.grouping.probabilities()
@@ -87,6 +87,30 @@ def test_a_commit_outside_the_delay_and_the_phase_is_refused(commit: float):
     schedule = {phase: SETTINGS | {"assignment_delay": 0.25, "assignment_commit": commit} for phase in ("group",)}
     with pytest.raises(ConfigError, match=f"schedule.group.assignment_commit={commit}: must be a share"):
         check_schedule(schedule, ("group",))
+
+
+@pytest.mark.parametrize("commit, epochs", [(1.0, 15), (0.97, 15), (0.9, 4)])
+def test_a_commit_that_falls_on_the_split_is_refused(commit: float, epochs: int):
+    """The split comes at the start of the epoch after the group phase: a commit rounding to it would never happen (yet
+    would still leave the disjoint term out)."""
+    schedule = {"group": SETTINGS | {"epochs": epochs, "assignment_commit": commit}}
+    with pytest.raises(ConfigError, match=rf"schedule.group.assignment_commit={commit} falls on epoch {epochs} of a "
+                                          rf"{epochs}-epoch phase, where the split comes"):
+        check_schedule(schedule, ("group",))
+
+
+@pytest.mark.parametrize("commit, epochs", [(0.96, 15), (0.7, 0)])
+def test_a_commit_before_the_split_or_a_phase_of_no_epochs_is_accepted(commit: float, epochs: int):
+    check_schedule({"group": SETTINGS | {"epochs": epochs, "assignment_commit": commit}}, ("group",))
+
+
+def test_max_steps_ends_the_run_early_without_squeezing_the_lr_schedule():
+    """The schedule spans the phase's epochs of batches whatever ``trainer.max_steps`` (3 here) cuts off."""
+    module = small_module(epochs=4)
+    module._trainer = SimpleNamespace(estimated_stepping_batches=3, num_training_batches=5, accumulate_grad_batches=2,
+                                      max_epochs=8)
+    scheduler = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    assert scheduler.T_max == 4 * 3  # cosine over 4 epochs of ceil(5 / 2) steps
 
 
 @pytest.mark.parametrize("update", ["sgd", "unit_rms"])
@@ -126,7 +150,7 @@ def test_off_block_fade_empties_the_off_blocks_by_the_split_so_that_the_cut_chan
     before_fade = module.net(images)
     steps, done = 2 * 3, 0
     for epoch in (2, 3):
-        module._trainer = SimpleNamespace(current_epoch=epoch, num_training_batches=3)
+        module._trainer = SimpleNamespace(current_epoch=epoch, global_rank=0, num_training_batches=3)
         module.on_train_epoch_start()
         if done == 0:
             start_off, start_on = off_block_norms(module, module._off_block_masks)
@@ -148,3 +172,21 @@ def test_off_block_fade_empties_the_off_blocks_by_the_split_so_that_the_cut_chan
 def test_a_fade_without_a_commit_is_refused():
     with pytest.raises(ConfigError, match="schedule.group.off_block_fade=true needs assignment_commit"):
         check_schedule({"group": SETTINGS | {"off_block_fade": True}}, ("group",))
+
+
+def dropout_by_part(net: nn.Module) -> dict[str, set[float]]:
+    """The dropout probabilities in each top-level part of a network (trunk, stage2, branches, ...)."""
+    parts: dict[str, set[float]] = {}
+    for name, module in net.named_modules():
+        if isinstance(module, nn.Dropout):
+            parts.setdefault(name.split(".")[0], set()).add(module.p)
+    return parts
+
+
+def test_a_phases_dropout_goes_to_the_split_levels_not_the_trunk():
+    """method.md: dropout in the split blocks and before the classifier; the trunk (WRN's stage 1) is never split."""
+    module = small_module(dropout=0.5)
+    module.hparams.schedule["finetune"]["dropout"] = 0.25
+    assert dropout_by_part(module.net) == {"stage1": {0.0}, "stage2": {0.5}, "stage3": {0.5}, "head": {0.5}}
+    module.split()
+    assert dropout_by_part(module.unpacked_net()) == {"trunk": {0.0}, "branches": {0.25}}

@@ -78,12 +78,15 @@ class SplitDataModule(pl.LightningDataModule):
         return order[self.val_size :], order[: self.val_size]
 
     def _loader(self, split: str, batch_size: int, **kwargs) -> DataLoader:
+        # its own generator (the workers' seeds), so that starting an iterator draws nothing from torch's global one,
+        # which the module seeds every epoch for dropout: a resumed run starts its iterators at other moments
         return DataLoader(
             self._datasets[split],
             batch_size=batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            generator=torch.Generator().manual_seed(self.seed),
             **kwargs,
         )
 
