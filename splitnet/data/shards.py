@@ -17,6 +17,7 @@ import json
 import random
 from pathlib import Path
 
+import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
@@ -125,7 +126,7 @@ class ShardDataModule(WorkerImageDataModule):
 
     def _stream_loader(self, pipeline: wds.DataPipeline) -> DataLoader:
         return DataLoader(pipeline, batch_size=None, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+                          persistent_workers=self.num_workers > 0, generator=torch.Generator().manual_seed(self.seed))
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")
