@@ -8,7 +8,10 @@
 from __future__ import annotations
 
 import logging
+import pickle
 import sys
+import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import hydra
@@ -52,6 +55,8 @@ def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: str) -> str | None:
     path = last if ckpt_path == "last" else Path(ckpt_path)
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path}: no checkpoint at {path}")
+    if not zipfile.is_zipfile(path):
+        raise ConfigError(f"ckpt_path={ckpt_path}: {path} is not a checkpoint (not a file written by torch.save)")
     return str(path)
 
 
@@ -61,11 +66,36 @@ def load_pretrained(net: torch.nn.Module, path: str) -> None:
         raise SplitConfigError(f"pretrained={path}: backbone {type(net).__name__} takes no torchvision weights")
     if not Path(path).is_file():
         raise FileNotFoundError(f"pretrained={path}: no such file")
-    net.load_torchvision_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError) as error:
+        raise ConfigError(f"pretrained={path}: not a state dict written by torch.save ({str(error).splitlines()[0]})")
+    if not isinstance(state_dict, Mapping):
+        raise ConfigError(f"pretrained={path}: holds a {type(state_dict).__name__}, not a state dict")
+    try:
+        net.load_torchvision_state_dict(state_dict)
+    except RuntimeError as error:  # load_state_dict's shape mismatches: another architecture's weights
+        detail = "; ".join(line.strip() for line in str(error).splitlines()[1:3])
+        raise ConfigError(f"pretrained={path}: not a torchvision {net.name} state dict: {detail}") from None
 
 
-def train(cfg: DictConfig) -> dict:
-    """Run all phases as configured; returns the summary (also written to <output_dir>/summary.json)."""
+def check_run_config(cfg: DictConfig) -> None:
+    """Fail before any work on top-level values that would only fail at the end of a run, or be silently ignored."""
+    if not isinstance(cfg.seed, int):
+        raise ConfigError(f"seed={cfg.seed!r}: must be an integer")
+    batch = cfg.inference_batch
+    if batch is not None and (not isinstance(batch, int) or isinstance(batch, bool) or batch < 1):
+        raise ConfigError(f"inference_batch={batch!r}: must be a positive integer, or null to skip the timing")
+    for key in ("max_epochs", "min_epochs"):
+        if key in cfg.trainer:
+            raise ConfigError(f"trainer.{key}={cfg.trainer[key]}: a run's epochs are schedule.group.epochs + "
+                              "schedule.finetune.epochs; set those")
+
+
+def train(cfg: DictConfig) -> dict | None:
+    """Run all phases as configured; returns the summary (also written to <output_dir>/summary.json), or None if the
+    run stopped before its last epoch."""
+    check_run_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.checkpoint_dir)
     datamodule: pl.LightningDataModule = instantiate(cfg.data)
@@ -87,15 +117,27 @@ def train(cfg: DictConfig) -> dict:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
-    finetune = {
-        "val_acc": trainer.validate(model, datamodule=datamodule, verbose=False)[0][f"{model.phase}/val_acc"],
-        "test_acc": trainer.test(model, datamodule=datamodule, verbose=False)[0][f"{model.phase}/test_acc"],
-    }
+    # stopped early (trainer.max_time, trainer.max_steps, ...): Lightning counts an epoch cut short as done, and a
+    # resumed run goes on with the next one
+    if trainer.current_epoch < epochs:
+        log.warning("the run stopped with %d of %d epochs done (step %d): no test and no summary; the same command plus "
+                    "ckpt_path=last goes on from its last checkpoint", trainer.current_epoch, epochs,
+                    trainer.global_step)
+        return None
+    finetune = {}
+    for split, evaluate in (("val", trainer.validate), ("test", trainer.test)):
+        results = evaluate(model, datamodule=datamodule, verbose=False)  # [] without batches (data.val_size=0)
+        if results and f"{model.phase}/{split}_acc" in results[0]:
+            finetune[f"{split}_acc"] = results[0][f"{model.phase}/{split}_acc"]
     timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)  # callbacks.timer, unless removed
     speed = {"fit_time_s": round(timer.time_elapsed("train"), 1)} if timer else {}
     if cfg.inference_batch and trainer.is_global_zero:  # on the training device (Lightning moved the model off it)
-        speed["inference"] = inference_speed(model.unpacked_net(), datamodule.image_shape, cfg.inference_batch,
-                                             trainer.strategy.root_device, bf16="bf16" in str(trainer.precision))
+        try:
+            speed["inference"] = inference_speed(model.unpacked_net(), datamodule.image_shape, cfg.inference_batch,
+                                                 trainer.strategy.root_device, bf16="bf16" in str(trainer.precision))
+        except torch.OutOfMemoryError as error:  # the summary matters more than the timing
+            log.warning("inference_batch=%d did not fit in memory, no timing in the summary: %s", cfg.inference_batch,
+                        str(error).splitlines()[0])
     summary = build_summary(
         model, datamodule, {**model.phase_results, model.phase: finetune}, dense, trainer.current_epoch,
         OmegaConf.to_container(cfg, resolve=True), speed,
@@ -113,6 +155,9 @@ def train(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> None:
     try:
         train(cfg)
+    except SystemExit:  # Lightning's own exit after Ctrl-C
+        log.error("stopped; the same command plus ckpt_path=last resumes from %s", cfg.paths.checkpoint_dir)
+        raise
     except FloatingPointError as error:
         last = Path(cfg.paths.checkpoint_dir) / "last.ckpt"
         where = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written before it"

@@ -21,6 +21,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 from hydra.utils import instantiate
@@ -31,8 +32,8 @@ from torch import Tensor, nn
 from splitnet.data.base import ImageTensorDataModule
 from splitnet.grouped import GroupedTree
 from splitnet.module import SplitNetModule, compiled
-from splitnet.plan import parse_groups
-from splitnet.report import count_flops, count_params, format_rows
+from splitnet.plan import SplitConfigError, parse_groups
+from splitnet.report import SummaryError, count_flops, count_params, format_rows, read_summary
 from splitnet.surgery import build_tree, hard_assign
 
 BACKBONES = {
@@ -53,6 +54,52 @@ def balanced_tree(model: nn.Module, split: str) -> nn.Module:
     free = model.split_plan.free_groupings(model, groups)
     probs = {key: torch.full((count, size), 1.0 / count) for key, (count, size) in free.items()}
     return build_tree(model, model.split_plan, hard_assign(groups, probs, "balanced"))
+
+
+def check_splits(parser: argparse.ArgumentParser, backbones: list[str], splits: list[str]) -> None:
+    """Refuse, in one line, a split that one of ``backbones`` cannot take (before anything is timed)."""
+    for name in backbones:
+        config, _, classes = BACKBONES[name]
+        dense = instantiate(config, num_classes=classes)
+        for split in splits:
+            try:
+                dense.split_plan.free_groupings(dense, parse_groups(split, dense.split_plan))
+            except SplitConfigError as error:
+                parser.error(f"--splits {split} ({name}): {error}")
+
+
+def number(kind: Callable[[str], float] = int, positive: bool = True, many: bool = False) -> Callable[[str], Any]:
+    """An argparse ``type``: a positive (or, without ``positive``, non-negative) number of ``kind``, or with ``many``
+    a comma list of them; anything else is refused naming the value."""
+    rule = f"{'positive' if positive else 'non-negative'} {'integer' if kind is int else 'number'}"
+
+    def parse(text: str) -> Any:
+        try:
+            values = [kind(part) for part in text.split(",")]
+        except ValueError:
+            values = []
+        # not (v >= 0): NaN is refused too
+        if not values or (len(values) > 1 and not many) or any(not (v > 0 if positive else v >= 0) for v in values):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {f'a comma list of {rule}s' if many else f'a {rule}'}")
+        return values if many else values[0]
+
+    return parse
+
+
+def device_arg(text: str) -> torch.device:
+    """An argparse ``type``: a device this machine has (cpu, cuda or cuda:<index>)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: cpu, cuda or cuda:<index>")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has no CUDA device (torch.cuda.is_available() is "
+                                         "false): use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def _sync(device: torch.device) -> None:
@@ -168,7 +215,10 @@ def run_inference_rows(args: argparse.Namespace, device: torch.device) -> Iterat
         for path in (summary_path, checkpoint):
             if not path.is_file():
                 raise SystemExit(f"--runs {run_dir}: it has no {path.relative_to(run_dir)}, so it is not a finished run")
-        summary = json.loads(summary_path.read_text())
+        try:
+            summary = read_summary(summary_path, ("backbone", "split", "flops", "dense_flops"))
+        except SummaryError as error:
+            raise SystemExit(f"--runs {run_dir}: {error}") from None
         if "image_shape" not in summary:
             raise SystemExit(f"--runs {run_dir}: its summary.json has no image_shape (written before splitnet kept it)")
         name = run_dir.name
@@ -336,8 +386,8 @@ def cost_rows(backbones: list[str], splits: list[str], image_size: int | None) -
         config, shape, classes = backbone(name, image_size)
         dense = instantiate(config, num_classes=classes).eval()
         dense_flops = count_flops(dense, shape)
-        for split in ["none", *splits]:
-            model = dense if split == "none" else balanced_tree(dense, split).eval()
+        for split in ["dense", *splits]:
+            model = dense if split == "dense" else balanced_tree(dense, split).eval()
             flops = count_flops(model, shape)
             rows.append({"model": name, "input": "x".join(map(str, shape[1:])), "split": split,
                          "params_M": round(count_params(model) / 1e6, 2), "GFLOPs": round(flops / 1e9, 3),
@@ -347,14 +397,14 @@ def cost_rows(backbones: list[str], splits: list[str], image_size: int | None) -
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m splitnet.bench", description=__doc__)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=device_arg)
     parser.add_argument("--backbone", default="wrn16_8", help=f"one of {', '.join(sorted(BACKBONES))}")
     parser.add_argument("--splits", default="2-2-2,4-4-4", type=lambda s: s.split(","))
     parser.add_argument("--image-size", default=None, type=int,
                         help="square images of this size instead of the backbone's (small ones show the loop's own "
                              "cost; not with --runs, whose runs give theirs)")
-    parser.add_argument("--infer-batches", default=None, type=lambda s: [int(b) for b in s.split(",")])
-    parser.add_argument("--train-batches", default=None, type=lambda s: [int(b) for b in s.split(",")])
+    parser.add_argument("--infer-batches", default=None, type=number(many=True))
+    parser.add_argument("--train-batches", default=None, type=number(many=True))
     parser.add_argument("--settings", default=None, type=lambda s: s.split(","),
                         help=f"inference settings: {', '.join(INFERENCE_SETTINGS)}")
     parser.add_argument("--train-settings", default="eager", type=lambda s: s.split(","),
@@ -363,9 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layouts", default="branches,grouped", type=lambda s: s.split(","),
                         help="how the trees run (inference and finetuning): branches (one after another), grouped "
                              "(each level's branches packed into grouped layers; rows '<split> grouped')")
-    parser.add_argument("--epoch-steps", default=None, type=int,
+    parser.add_argument("--epoch-steps", default=None, type=number(positive=False),
                         help="steps of the whole-epoch measurement (default: 100 on a GPU, 10 on a CPU; 0: none)")
-    parser.add_argument("--repeats", default=10, type=int)
+    parser.add_argument("--repeats", default=10, type=number())
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-inference", action="store_true")
     parser.add_argument("--runs", nargs="+", type=Path, metavar="RUN_DIR",
@@ -385,10 +435,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.backbone.split(",")) - set(BACKBONES)
     if unknown:
         parser.error(f"--backbone {', '.join(sorted(unknown))}: not one of {', '.join(sorted(BACKBONES))}")
+    if not args.runs:
+        check_splits(parser, args.backbone.split(","), args.splits)
     if args.costs:
         print(format_rows(cost_rows(args.backbone.split(","), args.splits, args.image_size)))
         return 0
-    device = torch.device(args.device)
+    device = args.device
     gpu = device.type == "cuda"
     args.bf16 = args.channels_last = gpu  # as train.py has them by default
     args.epoch_steps = (100 if gpu else 10) if args.epoch_steps is None else args.epoch_steps

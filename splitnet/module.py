@@ -18,7 +18,7 @@ from splitnet.errors import ConfigError
 from splitnet.grouped import MAX_PADDING_SHARE, GroupedTree, separate_branches
 from splitnet.grouping import GroupAssignments, RegulariserTerms
 from splitnet.plan import SplitConfigError, parse_groups
-from splitnet.schedule import build_optimizer, check_schedule
+from splitnet.schedule import build_optimizer, check_schedule, is_number
 from splitnet.surgery import ASSIGN_METHODS, TreeSpec, block_masks, build_tree, hard_assign
 
 GROUP, FINETUNE = "group", "finetune"
@@ -82,6 +82,9 @@ class SplitNetModule(pl.LightningModule):
         self.groups = parse_groups(split["groups"], self.plan)
         if split.get("assign", "argmax") not in ASSIGN_METHODS:
             raise SplitConfigError(f"split.assign='{split['assign']}' is not one of {', '.join(ASSIGN_METHODS)}")
+        for key in ("gamma1", "gamma2", "gamma3"):
+            if key in split and not (is_number(split[key]) and split[key] >= 0):
+                raise ConfigError(f"split.{key}={split[key]!r}: must be a number, 0 or more")
         self.grouping: GroupAssignments | None = (
             GroupAssignments(self.plan, self.groups, self.net) if max(self.groups) > 1 else None
         )
@@ -356,6 +359,10 @@ class SplitNetModule(pl.LightningModule):
         saved = checkpoint["hyper_parameters"]["backbone"]
         if saved != self.hparams.backbone:
             raise SplitConfigError(f"the checkpoint's backbone {dict(saved)} differs from this run's {dict(self.hparams.backbone)}")
+        classes = checkpoint["hyper_parameters"]["num_classes"]
+        if classes != self.hparams.num_classes:
+            raise SplitConfigError(f"the checkpoint was trained on {classes} classes, this run's data has "
+                                   f"{self.hparams.num_classes}")
         if tuple(state["groups"]) != self.groups:
             raise SplitConfigError(
                 f"the checkpoint was trained for split {'-'.join(map(str, state['groups']))}, "

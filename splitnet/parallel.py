@@ -20,10 +20,20 @@ import torch
 from hydra.utils import instantiate
 from torch import Tensor, nn
 
-from splitnet.bench import BACKBONES, balanced_tree, bf16_autocast, collect, device_name, throughputs
+from splitnet.bench import (BACKBONES, balanced_tree, bf16_autocast, check_splits, collect, device_arg, device_name,
+                            number, throughputs)
 from splitnet.grouped import GroupedTree, separate_branches
 from splitnet.report import count_flops, format_rows
 from splitnet.tree import Branch, SplitTree, select_channels
+
+
+def split_tree(net: nn.Module, user: str) -> SplitTree:
+    """``net`` as a tree of separate branches (a ``GroupedTree`` unpacked); a dense network is refused for ``user``."""
+    tree = separate_branches(net)
+    if not isinstance(tree, SplitTree):
+        raise TypeError(f"{user} needs a split tree, and {type(net).__name__} is a dense network (from a checkpoint "
+                        "written before the split, in group learning?)")
+    return tree
 
 
 def parallel_units(tree: SplitTree, count: int) -> list[list[int]]:
@@ -142,9 +152,11 @@ class BranchParallel(nn.Module):
         super().__init__()
         if trunk not in TRUNK_MODES:
             raise ValueError(f"trunk={trunk!r}: not one of {', '.join(TRUNK_MODES)}")
+        if not devices:
+            raise ValueError("devices=[]: BranchParallel needs at least one device")
         self.devices = [torch.device(d) for d in devices]
         self.trunk = trunk
-        tree = copy.deepcopy(separate_branches(tree)).eval()
+        tree = copy.deepcopy(split_tree(tree, "BranchParallel")).eval()
         units = parallel_units(tree, len(self.devices))
         parts = [_Unit(_node(tree, path), selected=True).eval() for path in units]
         costs = [float(count_flops(part, _unit_input_shape(tree, path, image_shape)))
@@ -331,8 +343,8 @@ def export_parts(tree: SplitTree | GroupedTree, example: Tensor, out_dir: Path, 
     returning each branch's own input channels, so that only those travel to it) and ``branch<i>.pt2`` (torch.export),
     with ``onnx`` also ``trunk.onnx`` (outputs ``branch<i>``) and ``branch<i>.onnx``, and a manifest holding the class
     order. A ``GroupedTree`` is unpacked into its branches first."""
+    tree = copy.deepcopy(split_tree(tree, "export_parts")).eval()
     out_dir.mkdir(parents=True, exist_ok=True)
-    tree = copy.deepcopy(separate_branches(tree)).eval()
     if example.shape[0] < 2:  # torch.export specialises a batch of one; two keep the batch dimension free
         example = example.expand(2, *example.shape[1:]).contiguous()
     names = [f"branch{i}" for i in range(len(tree.branches))]
@@ -415,19 +427,20 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = argparse.ArgumentParser(prog="python -m splitnet.parallel", description=main.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=device_arg)
     parser.add_argument("--backbone", default="wrn16_8", choices=sorted(BACKBONES))
     parser.add_argument("--splits", default="2-2-2,4-4-4,8-8-8", type=lambda s: s.split(","))
-    parser.add_argument("--batch", type=int, help="images per batch (default: 1024 on a GPU, 64 on a CPU)")
-    parser.add_argument("--devices", default="2,4,8", type=lambda s: [int(k) for k in s.split(",")],
+    parser.add_argument("--batch", type=number(), help="images per batch (default: 1024 on a GPU, 64 on a CPU)")
+    parser.add_argument("--devices", default="2,4,8", type=number(many=True),
                         help="device counts to predict for")
-    parser.add_argument("--bandwidth", default=50.0, type=float,
+    parser.add_argument("--bandwidth", default=50.0, type=number(float),
                         help="GB/s between devices (default 50: PCIe 5.0 x16; NVLink 4 carries about 450)")
-    parser.add_argument("--repeats", default=20, type=int)
+    parser.add_argument("--repeats", default=20, type=number())
     parser.add_argument("--json", type=Path, help="also write the rows and the machine to this file")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    batch = args.batch or (1024 if device.type == "cuda" else 64)
+    check_splits(parser, [args.backbone], args.splits)
+    device = args.device
+    batch = args.batch if args.batch is not None else 1024 if device.type == "cuda" else 64
     config, shape, classes = BACKBONES[args.backbone]
     dense = instantiate(config, num_classes=classes).eval()
     tables = ([{"model": args.backbone, "split": split, "batch": batch} | row for row in speed_rows(

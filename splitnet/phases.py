@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 
 
 def _limit(loader: DataLoader, limit: int | float) -> int:
-    return int(limit) if isinstance(limit, int) else int(len(loader) * limit)
+    """The batches of ``loader`` that a Lightning ``limit_*_batches`` value lets through."""
+    return min(len(loader), int(limit) if isinstance(limit, int) else int(len(loader) * limit))
 
 
 @torch.no_grad()
@@ -57,7 +58,8 @@ class SplitPhase(pl.Callback):
         results = {}
         for split, limit in (("val", trainer.limit_val_batches), ("test", trainer.limit_test_batches)):
             loader = getattr(datamodule, f"{split}_dataloader")()
-            results[f"{split}_acc"] = evaluate(module, loader, datamodule, _limit(loader, limit))
+            if batches := _limit(loader, limit):  # none: no validation set (data.val_size=0) or limited to none
+                results[f"{split}_acc"] = evaluate(module, loader, datamodule, batches)
         module.phase_results[phase] = results
         for logger in trainer.loggers:
             logger.log_metrics({f"{phase}/{k}": v for k, v in results.items()}, step=trainer.global_step)

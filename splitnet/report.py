@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -21,6 +22,13 @@ from splitnet.plan import SplitPlan
 from splitnet.surgery import TreeSpec
 
 SPLIT_RECORD = "split_record.pt"
+# the keys a sweep table reads from each summary.json
+SUMMARY_KEYS = ("split", "params", "dense_params", "flops", "dense_flops", "val_acc", "test_acc")
+TRAIN_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "train.yaml"
+
+
+class SummaryError(ValueError):
+    """A summary.json that cannot be read: the message names the file and what is wrong."""
 
 
 def count_params(model: nn.Module) -> int:
@@ -72,8 +80,9 @@ def build_summary(
         # how the tree was finetuned: each level's branches packed into grouped layers, or one after another
         "tree_layout": None if spec is None else "grouped" if isinstance(module.net, GroupedTree) else "branches",
         "semantics": split_semantics(class_groups, superclass_of) if superclass_of else None,
-        "val_acc": {phase: r["val_acc"] for phase, r in results.items()},
-        "test_acc": {phase: r["test_acc"] for phase, r in results.items()},
+        # a phase without a validation (or test) set, or with limit_*_batches=0, has no value
+        "val_acc": {phase: r["val_acc"] for phase, r in results.items() if "val_acc" in r},
+        "test_acc": {phase: r["test_acc"] for phase, r in results.items() if "test_acc" in r},
         "epochs": epochs,
         "skipped_images": getattr(datamodule, "skipped_images", 0),
         **speed,
@@ -149,7 +158,7 @@ def format_table(summary: dict[str, Any]) -> str:
         f"{'phase':10}{'val acc':>12}{'test acc':>10}",
     ]
     nan = float("nan")
-    for phase in summary["val_acc"]:
+    for phase in dict.fromkeys([*summary["val_acc"], *summary["test_acc"]]):
         val, test = summary["val_acc"].get(phase, nan), summary["test_acc"].get(phase, nan)
         lines.append(f"{phase:10}{val:>12.4f}{test:>10.4f}")
     return "\n".join(lines)
@@ -170,6 +179,26 @@ def write_summary(summary: dict[str, Any], run_dir: str | Path) -> Path:
     return path
 
 
+def read_summary(path: Path, keys: tuple[str, ...] = SUMMARY_KEYS) -> dict[str, Any]:
+    """The summary.json at ``path``; a SummaryError naming the file if it is no JSON object holding ``keys``."""
+    try:
+        summary = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise SummaryError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(summary, dict):
+        raise SummaryError(f"{path}: not a JSON object, so not a summary.json written by train.py")
+    if missing := [key for key in keys if key not in summary]:
+        raise SummaryError(f"{path}: has no {', '.join(missing)}, so it is not a summary.json written by train.py")
+    return summary
+
+
+def unrecorded_keys() -> tuple[str, ...]:
+    """The config keys that do not tell runs apart (data paths, devices, the logger, resuming): those
+    conf/train.yaml leaves out of a run directory's name (``hydra.job.config.override_dirname.exclude_keys``)."""
+    keys = OmegaConf.select(OmegaConf.load(TRAIN_CONFIG), "hydra.job.config.override_dirname.exclude_keys")
+    return tuple(keys or ())
+
+
 def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in config.items():
@@ -184,17 +213,18 @@ def sweep_rows(root: Path) -> list[dict[str, Any]]:
     """One row per run under ``root``: the config values that differ between runs, then size and cost (and their
     cut against the dense network), accuracy, superclass purity, inference speed and fit time."""
     paths = sorted(root.rglob("summary.json"))
-    summaries = [json.loads(p.read_text()) for p in paths]
+    summaries = [read_summary(p) for p in paths]
     configs = [_flatten(s.get("config", {})) for s in summaries]
     keys = sorted({k for c in configs for k in c})
 
     def own_path(key: str) -> bool:  # a value naming each run's own directory (a logger's save_dir, ...)
         return all(isinstance(c.get(key), str) and p.parent.name in c[key] for p, c in zip(paths, configs))
 
+    unrecorded = unrecorded_keys()
     varying = [
         k for k in keys
-        if not k.startswith(("paths.", "callbacks.")) and len({json.dumps(c.get(k)) for c in configs}) > 1
-        and not own_path(k)
+        if not k.startswith(("paths.", "callbacks.", *(f"{key}." for key in unrecorded))) and k not in unrecorded
+        and len({json.dumps(c.get(k)) for c in configs}) > 1 and not own_path(k)
     ]
     rows = []
     for path, summary, config in zip(paths, summaries, configs):
@@ -285,7 +315,13 @@ def main(argv: list[str] | None = None) -> int:
     if record_path.exists():
         for path in render_pictures(torch.load(record_path, weights_only=False), root / "pictures"):
             print(f"wrote {path}")
-    rows = sweep_rows(root)
+    elif (root / "summary.json").is_file():  # a run directory
+        print(f"no pictures redrawn: {root} has no {SPLIT_RECORD} (what they are drawn from, written by a run at the "
+              "split)")
+    try:
+        rows = sweep_rows(root)
+    except SummaryError as error:
+        sys.exit(f"error: {error}")
     if not rows:
         parser.error(f"no summary.json under {root}: is it a run or sweep directory of train.py?")
     print(format_rows(rows))

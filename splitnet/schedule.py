@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -48,6 +49,11 @@ def build_optimizer(
     raise ConfigError(f"lr_schedule='{kind}' is not one of {', '.join(LR_SCHEDULES)}")
 
 
+def is_number(value: Any) -> bool:
+    """A finite int or float (not a bool, a string or None)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_schedule(schedule: Mapping[str, Any], phases: Iterable[str]) -> None:
     """Fail early, naming the key, on a phase's settings that ``build_optimizer`` could not use."""
     for phase in phases:
@@ -55,9 +61,16 @@ def check_schedule(schedule: Mapping[str, Any], phases: Iterable[str]) -> None:
         kind = settings.get("lr_schedule", "step")
         if kind not in LR_SCHEDULES:
             raise ConfigError(f"schedule.{phase}.lr_schedule='{kind}' is not one of {', '.join(LR_SCHEDULES)}")
-        for key in ("epochs", "lr"):
-            if not settings[key] >= 0:
-                raise ConfigError(f"schedule.{phase}.{key}={settings[key]}: must not be negative")
+        if not isinstance(settings["epochs"], int) or isinstance(settings["epochs"], bool) or settings["epochs"] < 0:
+            raise ConfigError(f"schedule.{phase}.epochs={settings['epochs']!r}: must be a whole number, 0 or more")
+        for key, default, upper in (("lr", None, None), ("weight_decay", None, None), ("momentum", None, 1.0),
+                                    ("dropout", 0.0, 1.0), ("lr_decay", 0.1, None)):
+            value = settings.get(key, default)
+            if not is_number(value) or not 0 <= value <= (math.inf if upper is None else upper):
+                bounds = "0 or more" if upper is None else f"between 0 and {upper:g}"
+                raise ConfigError(f"schedule.{phase}.{key}={value!r}: must be a number, {bounds}")
+        if settings.get("nesterov", False) and not settings["momentum"] > 0:
+            raise ConfigError(f"schedule.{phase}.nesterov=true needs momentum above 0 (momentum={settings['momentum']})")
         scale = settings.get("assignment_lr_scale", 1.0)
         if not scale > 0:
             raise ConfigError(f"schedule.{phase}.assignment_lr_scale={scale}: must be a positive number")

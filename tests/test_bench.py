@@ -84,3 +84,39 @@ def test_bench_names_a_run_that_has_not_finished(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     with pytest.raises(SystemExit, match=f"--runs {tmp_path}: it has no summary.json, so it is not a finished run"):
         main(["--device", "cpu", "--runs", str(tmp_path)])
+
+
+@pytest.mark.parametrize("option, value, rule", [
+    ("--device", "bogus", "is not a device: cpu, cuda or cuda:<index>"),
+    ("--repeats", "0", "is not a positive integer"),
+    ("--epoch-steps", "-3", "is not a non-negative integer"),
+    ("--infer-batches", "8,0", "is not a comma list of positive integers"),
+    ("--train-batches", "-2", "is not a comma list of positive integers")])
+def test_bench_refuses_a_bad_number_or_device_in_one_line(option, value, rule, capsys):
+    with pytest.raises(SystemExit) as raised:
+        main(["--backbone", "wrn16_1", "--device", "cpu", option, value])
+    assert raised.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: argument {option}: '{value}' {rule}")
+
+
+def test_bench_refuses_cuda_on_a_machine_without_it(monkeypatch, capsys):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        main(["--backbone", "wrn16_1", "--device", "cuda"])
+    assert "argument --device: 'cuda': this machine has no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("split, rule", [("3-2-2", "group counts may not decrease"),
+                                         ("32-32-32", "split asks for 32 groups")])
+def test_bench_refuses_a_bad_split_in_one_line_before_timing_anything(split, rule, capsys):
+    with pytest.raises(SystemExit):
+        main(["--device", "cpu", "--backbone", "wrn16_1", "--splits", f"2-2-2,{split}"])
+    captured = capsys.readouterr()
+    assert not captured.out and "Traceback" not in captured.err
+    assert f"error: --splits {split} (wrn16_1): " in captured.err and rule in captured.err
+
+
+def test_bench_costs_name_the_dense_row_dense(capsys):
+    assert main(["--backbone", "wrn16_1", "--costs", "--splits", "2-2-2"]) == 0
+    splits = [line.split()[2] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert splits == ["dense", "2-2-2"]

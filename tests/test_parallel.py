@@ -159,3 +159,34 @@ def test_loading_an_export_of_an_older_format_asks_for_a_new_one(tmp_path: Path)
     (tmp_path / "manifest.json").write_text(json.dumps({"branches": 2, "class_index": [0, 1]}))
     with pytest.raises(ValueError, match="exported in format 1, this version reads format 2 .*: export it again"):
         ExportedTree(tmp_path)
+
+
+@pytest.mark.parametrize("option, value, rule", [
+    ("--devices", "0", "is not a comma list of positive integers"), ("--devices", "2,-1", "is not a comma list"),
+    ("--bandwidth", "0", "is not a positive number"), ("--bandwidth", "-1", "is not a positive number"),
+    ("--batch", "0", "is not a positive integer"), ("--device", "bogus", "is not a device")])
+def test_speed_model_refuses_a_bad_option_in_one_line(option, value, rule, capsys):
+    with pytest.raises(SystemExit) as raised:
+        parallel_main(["--device", "cpu", "--backbone", "wrn16_1", option, value])
+    assert raised.value.code == 2
+    assert f"error: argument {option}: '{value}' {rule}" in capsys.readouterr().err
+
+
+def test_speed_model_refuses_a_bad_split_in_one_line(capsys):
+    with pytest.raises(SystemExit):
+        parallel_main(["--device", "cpu", "--backbone", "wrn16_1", "--splits", "2-2"])
+    assert "error: --splits 2-2 (wrn16_1): split.groups='2-2' gives 2 group counts" in capsys.readouterr().err
+
+
+def test_branch_parallel_needs_a_device():
+    with pytest.raises(ValueError, match=r"devices=\[\]: BranchParallel needs at least one device"):
+        BranchParallel(make_tree("2-2-2"), [], (3, 32, 32))
+
+
+def test_a_dense_network_is_refused_as_not_split(tmp_path: Path):
+    dense = wide_resnet(16, 2, num_classes=16).eval()  # e.g. unpacked_net() of a group-learning checkpoint
+    with pytest.raises(TypeError, match="BranchParallel needs a split tree, and WideResNet is a dense network"):
+        BranchParallel(dense, ["cpu"] * 2, (3, 32, 32))
+    with pytest.raises(TypeError, match="export_parts needs a split tree"):
+        export_parts(dense, torch.randn(1, 3, 32, 32), tmp_path / "parts")
+    assert not (tmp_path / "parts").exists()

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from splitnet.backbones import resnet18, resnet50
 from splitnet.data import SyntheticDataModule
+from splitnet.errors import ConfigError
 from splitnet.grouped import GroupedTree
 from splitnet.module import SplitNetModule
 from splitnet.phases import evaluate
@@ -158,6 +160,20 @@ def test_ckpt_path_auto_resumes_only_where_there_is_a_checkpoint(tmp_path: Path)
         (("backbone.depth=15",), "backbone.depth=15: a Wide ResNet has depth 6n+4"),
         (("model.compile=turbo",), "model.compile='turbo': Unrecognized mode=turbo"),
         (("model.compile_regularisers=maybe",), "model.compile_regularisers='maybe': must be true or false"),
+        (("split.gamma1=-1",), "split.gamma1=-1: must be a number, 0 or more"),
+        (("split.gamma2=nan",), "split.gamma2=nan: must be a number, 0 or more"),
+        (("schedule.group.epochs=1.5",), "schedule.group.epochs=1.5: must be a whole number"),
+        (("schedule.group.momentum=-1",), "schedule.group.momentum=-1: must be a number, between 0 and 1"),
+        (("schedule.finetune.dropout=1.5",), "schedule.finetune.dropout=1.5: must be a number, between 0 and 1"),
+        (("schedule.group.nesterov=true", "schedule.group.momentum=0"), "nesterov=true needs momentum above 0"),
+        (("schedule.group.assignment_commit=1.0",), "schedule.group.assignment_commit=1.0 falls on epoch 2 of a "
+                                                    "2-epoch phase, where the split comes"),
+        (("inference_batch=-1",), "inference_batch=-1: must be a positive integer, or null"),
+        (("seed=abc",), "seed='abc': must be an integer"),
+        (("+trainer.max_epochs=1",), "trainer.max_epochs=1: a run's epochs are schedule.group.epochs + "),
+        (("data.augment=maybe",), "data.augment='maybe': must be true or false"),
+        (("data.num_workers=-1",), "data.num_workers=-1: must be 0"),
+        (("ckpt_path=README.md",), "ckpt_path=README.md: README.md is not a checkpoint (not a file written by torch"),
     ],
 )
 def test_bad_config_fails_with_its_message(tmp_path: Path, overrides: tuple[str, ...], message: str):
@@ -176,14 +192,45 @@ def test_nan_loss_names_the_last_good_checkpoint(tmp_path: Path):
 
 @pytest.mark.parametrize(
     "overrides, message",
-    [(("backbone.width=2",), "the checkpoint's backbone"), (("split=4-4-4",), "trained for split 2-2-2")],
-    ids=["other-backbone", "other-split"],
+    [(("backbone.width=2",), "the checkpoint's backbone"), (("split=4-4-4",), "trained for split 2-2-2"),
+     (("data.num_classes=20",), "the checkpoint was trained on 10 classes, this run's data has 20")],
+    ids=["other-backbone", "other-split", "other-classes"],
 )
 def test_checkpoint_of_another_model_is_refused(smoke_run: Path, tmp_path: Path, overrides, message):
     for epoch in ("001", "003"):  # before and after the split
         checkpoint = smoke_run / "checkpoints" / f"epoch{epoch}.ckpt"
         result = run_train(tmp_path / epoch, *SMOKE, *overrides, f"ckpt_path={checkpoint}", check=False)
         assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_pretrained_weights_that_do_not_fit_are_refused(tmp_path: Path):
+    from train import load_pretrained
+
+    text, tensor, other = tmp_path / "notes.txt", tmp_path / "tensor.pth", tmp_path / "resnet50.pth"
+    text.write_text("not weights")
+    torch.save(torch.zeros(3), tensor)
+    torch.save(resnet50(num_classes=10).state_dict(), other)
+    for path, message in ((text, "not a state dict written by torch.save"), (tensor, "holds a Tensor, not a state dict"),
+                          (other, "not a torchvision resnet18 state dict: size mismatch for")):
+        with pytest.raises(ConfigError, match=f"pretrained={path}: {message}"):
+            load_pretrained(resnet18(num_classes=10), str(path))
+
+
+def test_a_run_without_validation_batches_still_writes_its_summary(tmp_path: Path):
+    run_train(tmp_path, *SMOKE, "data.val_size=0", "trainer.limit_train_batches=2", "schedule.group.epochs=1",
+              "schedule.finetune.epochs=1")
+    summary = read_summary(tmp_path)
+    assert summary["val_acc"] == {} and set(summary["test_acc"]) == {"group", "split", "finetune"}
+
+
+def test_a_run_stopped_early_writes_no_summary_and_goes_on_when_resumed(tmp_path: Path):
+    """trainer.max_steps (or a time limit) ending the fit before its last epoch is not a finished run. (Lightning counts
+    the epoch it cut short as done: the resumed run goes on with the next.)"""
+    result = run_train(tmp_path, *SMOKE, "trainer.limit_train_batches=2", "+trainer.max_steps=5")
+    assert "the run stopped with 3 of 4 epochs done (step 5): no test and no summary" in result.stdout
+    assert not (tmp_path / "summary.json").exists()
+    run_train(tmp_path, *SMOKE, "trainer.limit_train_batches=2", "ckpt_path=last")
+    assert read_summary(tmp_path)["epochs"] == 4
 
 
 def test_corrupt_cifar100_is_reported(tmp_path: Path):
