@@ -17,7 +17,9 @@ from pathlib import Path
 import hydra
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Timer
@@ -69,7 +71,8 @@ def load_pretrained(net: torch.nn.Module, path: str) -> None:
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError) as error:
-        raise ConfigError(f"pretrained={path}: not a state dict written by torch.save ({str(error).splitlines()[0]})")
+        raise ConfigError(f"pretrained={path}: not a state dict written by torch.save ({str(error).splitlines()[0]})"
+                          ) from None
     if not isinstance(state_dict, Mapping):
         raise ConfigError(f"pretrained={path}: holds a {type(state_dict).__name__}, not a state dict")
     try:
@@ -79,10 +82,21 @@ def load_pretrained(net: torch.nn.Module, path: str) -> None:
         raise ConfigError(f"pretrained={path}: not a torchvision {net.name} state dict: {detail}") from None
 
 
+def resume_hint(cfg: DictConfig) -> str:
+    """How to go on with a run that stopped: its command plus ``ckpt_path=auto`` (in a sweep, with the sweep's
+    folder)."""
+    last = Path(cfg.paths.checkpoint_dir) / "last.ckpt"
+    if not last.exists():
+        return "no checkpoint was written yet"
+    in_sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    sweep = f" hydra.sweep.dir={HydraConfig.get().sweep.dir}" if in_sweep else ""
+    return f"the same command plus ckpt_path=auto{sweep} goes on from {last}"
+
+
 def check_run_config(cfg: DictConfig) -> None:
     """Fail before any work on top-level values that would only fail at the end of a run, or be silently ignored."""
-    if not isinstance(cfg.seed, int):
-        raise ConfigError(f"seed={cfg.seed!r}: must be an integer")
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or not 0 <= cfg.seed < 2**32:
+        raise ConfigError(f"seed={cfg.seed!r}: must be a whole number from 0 to 2**32 - 1")
     batch = cfg.inference_batch
     if batch is not None and (not isinstance(batch, int) or isinstance(batch, bool) or batch < 1):
         raise ConfigError(f"inference_batch={batch!r}: must be a positive integer, or null to skip the timing")
@@ -117,19 +131,21 @@ def train(cfg: DictConfig) -> dict | None:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)  # callbacks.timer, unless removed
     # stopped early (trainer.max_time, trainer.max_steps, ...): Lightning counts an epoch cut short as done, and a
     # resumed run goes on with the next one
-    if trainer.current_epoch < epochs:
-        log.warning("the run stopped with %d of %d epochs done (step %d): no test and no summary; the same command plus "
-                    "ckpt_path=last goes on from its last checkpoint", trainer.current_epoch, epochs,
-                    trainer.global_step)
+    if trainer.current_epoch < epochs or trainer.should_stop or 0 <= trainer.max_steps <= trainer.global_step:
+        spent = timer is not None and timer.time_remaining() is not None and timer.time_remaining() <= 0
+        log.warning("the run stopped with %d of %d epochs begun (step %d): no test and no summary; %s%s",
+                    trainer.current_epoch, epochs, trainer.global_step, resume_hint(cfg),
+                    " (trainer.max_time counts the whole fit, resumed parts included: raise it or leave it out)"
+                    if spent else "")
         return None
     finetune = {}
     for split, evaluate in (("val", trainer.validate), ("test", trainer.test)):
         results = evaluate(model, datamodule=datamodule, verbose=False)  # [] without batches (data.val_size=0)
         if results and f"{model.phase}/{split}_acc" in results[0]:
             finetune[f"{split}_acc"] = results[0][f"{model.phase}/{split}_acc"]
-    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)  # callbacks.timer, unless removed
     speed = {"fit_time_s": round(timer.time_elapsed("train"), 1)} if timer else {}
     if cfg.inference_batch and trainer.is_global_zero:  # on the training device (Lightning moved the model off it)
         try:
@@ -156,7 +172,7 @@ def main(cfg: DictConfig) -> None:
     try:
         train(cfg)
     except SystemExit:  # Lightning's own exit after Ctrl-C
-        log.error("stopped; the same command plus ckpt_path=last resumes from %s", cfg.paths.checkpoint_dir)
+        log.error("stopped; %s", resume_hint(cfg))
         raise
     except FloatingPointError as error:
         last = Path(cfg.paths.checkpoint_dir) / "last.ckpt"

@@ -77,6 +77,9 @@ class SplitNetModule(pl.LightningModule):
                 raise ConfigError(f"model.{name}={value!r}: must be true or false")
         self.save_hyperparameters()
         check_schedule(schedule, (GROUP, FINETUNE))
+        if schedule[FINETUNE]["epochs"] < 1:
+            raise ConfigError(f"schedule.finetune.epochs={schedule[FINETUNE]['epochs']}: the split comes at the start "
+                              "of the first finetune epoch, so there must be at least one")
         self.net: nn.Module = instantiate(backbone, num_classes=num_classes)
         self.plan = self.net.split_plan
         self.groups = parse_groups(split["groups"], self.plan)
@@ -102,9 +105,7 @@ class SplitNetModule(pl.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         set_dropout([self.net.get_submodule(level.module) for level in self.plan.levels],
                     schedule[GROUP].get("dropout", 0.0))
-        # the seed of the run (pl.seed_everything's, read before any reseeding): each epoch's random draws (dropout)
-        # are seeded from it, the epoch and the process, so that a resumed run draws what an uninterrupted one would
-        self._seed = torch.initial_seed()
+
         self._prepare_net()
 
     def _prepare_net(self) -> None:
@@ -283,7 +284,8 @@ class SplitNetModule(pl.LightningModule):
         run as in an uninterrupted one, different on every DDP process. From the commit epoch on, keep the assignments
         hardened to balanced groups (idempotent, so resumes agree), and with ``off_block_fade`` take the off-block
         masks of the groups the split will cut."""
-        torch.manual_seed(hash((self._seed, self.current_epoch, self.global_rank)) & (2**63 - 1))
+        seed = self.hparams.split.get("seed", 0)  # the run's seed (split.seed: ${seed})
+        torch.manual_seed(((seed * 1_000_003 + self.current_epoch) * 65_537 + self.global_rank) % 2**63)
         commit = self._commit_epoch()
         if self.grouping is not None and commit is not None and self.current_epoch >= commit:
             self.grouping.commit()
@@ -325,11 +327,9 @@ class SplitNetModule(pl.LightningModule):
 
     def _steps_per_epoch(self) -> int:
         """Optimiser steps per epoch, for the LR schedules: from the epoch's batches (``trainer.max_steps`` may end
-        the run early, but does not squeeze the schedule); from the estimate where an epoch has no length."""
+        the run early, but does not squeeze the schedule)."""
         trainer = self.trainer
-        estimate = trainer.estimated_stepping_batches  # sets the training data up, and with it num_training_batches
-        if math.isinf(trainer.num_training_batches):
-            return max(1, int(estimate) // max(1, trainer.max_epochs))
+        trainer.estimated_stepping_batches  # sets the training data up, and with it num_training_batches
         return max(1, math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches))
 
     # --- checkpoints -------------------------------------------------------------------------------------

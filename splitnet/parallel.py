@@ -27,11 +27,11 @@ from splitnet.report import count_flops, format_rows
 from splitnet.tree import Branch, SplitTree, select_channels
 
 
-def split_tree(net: nn.Module, user: str) -> SplitTree:
-    """``net`` as a tree of separate branches (a ``GroupedTree`` unpacked); a dense network is refused for ``user``."""
+def split_tree(net: nn.Module, caller: str) -> SplitTree:
+    """``net`` as a tree of separate branches (a ``GroupedTree`` unpacked); a dense network is refused for ``caller``."""
     tree = separate_branches(net)
     if not isinstance(tree, SplitTree):
-        raise TypeError(f"{user} needs a split tree, and {type(net).__name__} is a dense network (from a checkpoint "
+        raise TypeError(f"{caller} needs a split tree, and {type(net).__name__} is a dense network (from a checkpoint "
                         "written before the split, in group learning?)")
     return tree
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -19,13 +20,20 @@ from splitnet.report import SPLIT_RECORD, count_params, split_record
 log = logging.getLogger(__name__)
 
 
-def _limit(loader: DataLoader, limit: int | float) -> int:
-    """The batches of ``loader`` that a Lightning ``limit_*_batches`` value lets through."""
-    return min(len(loader), int(limit) if isinstance(limit, int) else int(len(loader) * limit))
+def _limit(loader: DataLoader, limit: int | float) -> int | float:
+    """The batches of ``loader`` that a Lightning ``limit_*_batches`` value lets through (a stream without a length:
+    all, or ``limit`` if it is a count)."""
+    try:
+        size = len(loader)
+    except TypeError:
+        size = math.inf
+    if isinstance(limit, int):
+        return min(size, limit)
+    return size if math.isinf(size) else int(size * limit)
 
 
 @torch.no_grad()
-def evaluate(module: SplitNetModule, loader: DataLoader, datamodule, max_batches: int) -> float:
+def evaluate(module: SplitNetModule, loader: DataLoader, datamodule, max_batches: int | float) -> float:
     """Top-1 accuracy of the module's network on ``loader`` (at most ``max_batches`` batches), in eval mode."""
     was_training = module.net.training
     module.net.eval()

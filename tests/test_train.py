@@ -169,7 +169,9 @@ def test_ckpt_path_auto_resumes_only_where_there_is_a_checkpoint(tmp_path: Path)
         (("schedule.group.assignment_commit=1.0",), "schedule.group.assignment_commit=1.0 falls on epoch 2 of a "
                                                     "2-epoch phase, where the split comes"),
         (("inference_batch=-1",), "inference_batch=-1: must be a positive integer, or null"),
-        (("seed=abc",), "seed='abc': must be an integer"),
+        (("seed=abc",), "seed='abc': must be a whole number from 0 to 2**32 - 1"),
+        (("seed=-1",), "seed=-1: must be a whole number from 0 to 2**32 - 1"),
+        (("schedule.finetune.epochs=0",), "schedule.finetune.epochs=0: the split comes at the start of the first"),
         (("+trainer.max_epochs=1",), "trainer.max_epochs=1: a run's epochs are schedule.group.epochs + "),
         (("data.augment=maybe",), "data.augment='maybe': must be true or false"),
         (("data.num_workers=-1",), "data.num_workers=-1: must be 0"),
@@ -226,10 +228,11 @@ def test_a_run_without_validation_batches_still_writes_its_summary(tmp_path: Pat
 def test_a_run_stopped_early_writes_no_summary_and_goes_on_when_resumed(tmp_path: Path):
     """trainer.max_steps (or a time limit) ending the fit before its last epoch is not a finished run. (Lightning counts
     the epoch it cut short as done: the resumed run goes on with the next.)"""
-    result = run_train(tmp_path, *SMOKE, "trainer.limit_train_batches=2", "+trainer.max_steps=5")
-    assert "the run stopped with 3 of 4 epochs done (step 5): no test and no summary" in result.stdout
+    result = run_train(tmp_path, *SMOKE, "trainer.limit_train_batches=2", "+trainer.max_steps=7")  # in the last epoch
+    assert ("the run stopped with 4 of 4 epochs begun (step 7): no test and no summary; the same command plus "
+            f"ckpt_path=auto goes on from {tmp_path / 'checkpoints' / 'last.ckpt'}") in result.stdout
     assert not (tmp_path / "summary.json").exists()
-    run_train(tmp_path, *SMOKE, "trainer.limit_train_batches=2", "ckpt_path=last")
+    run_train(tmp_path, *SMOKE, "trainer.limit_train_batches=2", "ckpt_path=auto")
     assert read_summary(tmp_path)["epochs"] == 4
 
 

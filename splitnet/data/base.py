@@ -60,8 +60,8 @@ class SplitDataModule(pl.LightningDataModule):
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if value < 1:
                 raise ConfigError(f"data.{name}={value}: must be a positive integer")
-        if num_workers < 0:
-            raise ConfigError(f"data.num_workers={num_workers}: must be 0 (load in the main process) or more")
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ConfigError(f"data.num_workers={num_workers!r}: must be 0 (load in the main process) or more")
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_size, self.num_workers, self.seed = val_size, num_workers, seed
         self.class_names: list[str] = []
@@ -136,7 +136,7 @@ class ImageTensorDataModule(SplitDataModule):
         super().__init__(batch_size, eval_batch_size, val_size, num_workers, seed)
         if not isinstance(augment, bool):
             raise ConfigError(f"data.augment={augment!r}: must be true or false")
-        if not isinstance(crop_padding, int) or crop_padding < 0:
+        if not isinstance(crop_padding, int) or isinstance(crop_padding, bool) or crop_padding < 0:
             raise ConfigError(f"data.crop_padding={crop_padding!r}: must be a whole number of pixels, 0 or more")
         self.augment, self.crop_padding = augment, crop_padding
         self._images: Tensor | None = None
