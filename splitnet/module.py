@@ -327,9 +327,11 @@ class SplitNetModule(pl.LightningModule):
 
     def _steps_per_epoch(self) -> int:
         """Optimiser steps per epoch, for the LR schedules: from the epoch's batches (``trainer.max_steps`` may end
-        the run early, but does not squeeze the schedule)."""
+        the run early, but does not squeeze the schedule); for data without a length, ``max_steps`` over the epochs."""
         trainer = self.trainer
-        trainer.estimated_stepping_batches  # sets the training data up, and with it num_training_batches
+        estimate = trainer.estimated_stepping_batches  # sets the training data up, and with it num_training_batches
+        if math.isinf(trainer.num_training_batches):  # a stream without a length (the bench's): max_steps shared out
+            return max(1, int(estimate) // max(1, trainer.max_epochs))
         return max(1, math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches))
 
     # --- checkpoints -------------------------------------------------------------------------------------
