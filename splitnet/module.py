@@ -105,7 +105,6 @@ class SplitNetModule(pl.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         set_dropout([self.net.get_submodule(level.module) for level in self.plan.levels],
                     schedule[GROUP].get("dropout", 0.0))
-
         self._prepare_net()
 
     def _prepare_net(self) -> None:
