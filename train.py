@@ -27,7 +27,7 @@ from pytorch_lightning.loggers import WandbLogger
 
 from splitnet.bench import inference_speed
 from splitnet.data import DataError
-from splitnet.errors import ConfigError
+from splitnet.errors import ConfigError, is_whole_number
 from splitnet.module import SplitNetModule
 from splitnet.plan import SplitConfigError
 from splitnet.report import build_summary, format_table, network_stats, summary_scalars, write_summary
@@ -95,10 +95,10 @@ def resume_hint(cfg: DictConfig) -> str:
 
 def check_run_config(cfg: DictConfig) -> None:
     """Fail before any work on top-level values that would only fail at the end of a run, or be silently ignored."""
-    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or not 0 <= cfg.seed < 2**32:
+    if not is_whole_number(cfg.seed) or not 0 <= cfg.seed < 2**32:
         raise ConfigError(f"seed={cfg.seed!r}: must be a whole number from 0 to 2**32 - 1")
     batch = cfg.inference_batch
-    if batch is not None and (not isinstance(batch, int) or isinstance(batch, bool) or batch < 1):
+    if batch is not None and (not is_whole_number(batch) or batch < 1):
         raise ConfigError(f"inference_batch={batch!r}: must be a positive integer, or null to skip the timing")
     for key in ("max_epochs", "min_epochs"):
         if key in cfg.trainer:

@@ -14,11 +14,11 @@ from hydra.utils import instantiate
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from splitnet.errors import ConfigError
+from splitnet.errors import ConfigError, is_number
 from splitnet.grouped import MAX_PADDING_SHARE, GroupedTree, separate_branches
 from splitnet.grouping import GroupAssignments, RegulariserTerms
 from splitnet.plan import SplitConfigError, parse_groups
-from splitnet.schedule import build_optimizer, check_schedule, is_number
+from splitnet.schedule import build_optimizer, check_schedule
 from splitnet.surgery import ASSIGN_METHODS, TreeSpec, block_masks, build_tree, hard_assign
 
 GROUP, FINETUNE = "group", "finetune"

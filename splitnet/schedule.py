@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler, MultiStepLR, OneCycleLR
 
-from splitnet.errors import ConfigError
+from splitnet.errors import ConfigError, is_number, is_whole_number
 
 LR_SCHEDULES = ("step", "onecycle", "cosine")
 # how the assignments' gradient enters their SGD step: as it is (the paper), or rescaled to unit RMS per grouping
@@ -49,11 +49,6 @@ def build_optimizer(
     raise ConfigError(f"lr_schedule='{kind}' is not one of {', '.join(LR_SCHEDULES)}")
 
 
-def is_number(value: Any) -> bool:
-    """A finite int or float (not a bool, a string or None)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def check_schedule(schedule: Mapping[str, Any], phases: Iterable[str]) -> None:
     """Fail early, naming the key, on a phase's settings that ``build_optimizer`` could not use."""
     for phase in phases:
@@ -61,7 +56,7 @@ def check_schedule(schedule: Mapping[str, Any], phases: Iterable[str]) -> None:
         kind = settings.get("lr_schedule", "step")
         if kind not in LR_SCHEDULES:
             raise ConfigError(f"schedule.{phase}.lr_schedule='{kind}' is not one of {', '.join(LR_SCHEDULES)}")
-        if not isinstance(settings["epochs"], int) or isinstance(settings["epochs"], bool) or settings["epochs"] < 0:
+        if not is_whole_number(settings["epochs"]) or settings["epochs"] < 0:
             raise ConfigError(f"schedule.{phase}.epochs={settings['epochs']!r}: must be a whole number, 0 or more")
         for key, default, upper in (("lr", None, None), ("weight_decay", None, None), ("momentum", None, 1.0),
                                     ("dropout", 0.0, 1.0), ("lr_decay", 0.1, None)):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from splitnet.errors import ConfigError
+from splitnet.errors import ConfigError, is_whole_number
 
 
 class DataError(RuntimeError):
@@ -136,7 +136,7 @@ class ImageTensorDataModule(SplitDataModule):
         super().__init__(batch_size, eval_batch_size, val_size, num_workers, seed)
         if not isinstance(augment, bool):
             raise ConfigError(f"data.augment={augment!r}: must be true or false")
-        if not isinstance(crop_padding, int) or isinstance(crop_padding, bool) or crop_padding < 0:
+        if not is_whole_number(crop_padding) or crop_padding < 0:
             raise ConfigError(f"data.crop_padding={crop_padding!r}: must be a whole number of pixels, 0 or more")
         self.augment, self.crop_padding = augment, crop_padding
         self._images: Tensor | None = None
